@@ -1,0 +1,68 @@
+"""Build the HDF5 slice store from NIfTI/Analyze volumes and the cohort's CSV (or from the synthetic cohort).
+
+    python data_prep.py --synthetic 200 --out data/synthetic.h5
+    python data_prep.py --images ADNI/ --csv ADNIMERGE.csv --preset adni --out data/adni.h5 --attrs age,dx
+"""
+import argparse
+import os
+import sys
+
+from mri.cohorts import CohortError
+from mri.prep import PrepConfig, build, synthetic_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("source (real cohort or --synthetic)")
+    src.add_argument("--images", help="folder searched recursively for .nii, .nii.gz and Analyze .img/.hdr")
+    src.add_argument("--csv", help="the cohort's attributes CSV (ADNIMERGE, OASIS-1 demographics, IXI.csv, ...)")
+    src.add_argument("--preset", default="adni", choices=["adni", "oasis1", "ixi", "custom"],
+                     help="how volumes are joined to CSV rows and which columns are attributes")
+    src.add_argument("--synthetic", type=int, metavar="N", default=0,
+                     help="generate N phantom subjects (NIfTI + cohort.csv) and build the store from them")
+    src.add_argument("--volumes-dir", help="where --synthetic writes its NIfTI files (default: <out>.volumes/)")
+    p.add_argument("--out", required=True, help="the store to write (.h5)")
+    p.add_argument("--attrs", default="", help="comma-separated attributes to store (default: the preset's list)")
+    p.add_argument("--size", type=int, default=128, help="slice size in pixels (square)")
+    p.add_argument("--slices", type=int, default=32, help="axial slices per volume, centred on the brain")
+    p.add_argument("--spacing", type=float, default=2.0, help="distance between stored slices in mm")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by subject)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the synthetic cohort)")
+    p.add_argument("--workers", type=int, default=2, help="processes used for the volumes")
+    p.add_argument("--label-map", action="append", default=[], metavar="ATTR:VALUE=CLASS",
+                   help="map an unknown label, e.g. dx:SMC=CN (repeatable)")
+    custom = p.add_argument_group("--preset custom")
+    custom.add_argument("--id-regex", default="", help="regex with one group capturing the id from the path")
+    custom.add_argument("--id-column", default="", help="CSV column holding that id")
+    custom.add_argument("--attr-columns", default="", help="name:column:kind,... (kind: continuous|binary|categorical)")
+    args = p.parse_args(argv)
+    if not args.synthetic and not (args.images and args.csv):
+        p.error("give --images and --csv for a real cohort, or --synthetic N")
+    return args
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        split = tuple(float(x) for x in a.split.split(","))
+        assert len(split) == 3 and min(split) >= 0 and sum(split) > 0
+    except (ValueError, AssertionError):
+        sys.exit(f"--split {a.split!r} must be three non-negative fractions, e.g. 0.8,0.1,0.1")
+    cfg = PrepConfig(images=a.images, csv=a.csv, out=a.out, preset=a.preset,
+                     attrs=tuple(x for x in a.attrs.split(",") if x), size=a.size, slices=a.slices,
+                     spacing=a.spacing, split=split, seed=a.seed, workers=a.workers,
+                     label_maps=tuple(a.label_map), id_regex=a.id_regex, id_column=a.id_column,
+                     attr_columns=a.attr_columns)
+    try:
+        if a.synthetic:
+            cfg = synthetic_config(cfg, a.synthetic, a.volumes_dir or a.out + ".volumes")
+        summary = build(cfg)
+    except CohortError as e:
+        sys.exit(f"error: {e}")
+    for line in summary.lines():
+        print(line)
+    print(f"wrote {os.path.abspath(cfg.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Common package: attributes, HDF5 slice store, loader, preprocessing, synthetic cohort, grids."""

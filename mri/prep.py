@@ -1,0 +1,220 @@
+"""The data_prep pipeline: volumes + CSV -> per-volume parts (resumable) -> one HDF5 slice store.
+
+Each processed volume is saved as a small part file in `<out>.parts/` (written atomically), so a run that
+is killed and started again with the same arguments skips finished volumes. The store is assembled from
+the parts at the end, to a temporary file renamed onto `<out>`, and the parts are then removed.
+"""
+import copy
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from mri import cohorts
+from mri.attributes import Attribute, Schema
+from mri.io import atomic_path, read_json, write_json
+from mri.preprocess import BadVolume, process_file
+from mri.store import assign_splits, write_store
+
+
+@dataclass
+class PrepConfig:
+    images: str
+    csv: str
+    out: str
+    preset: str = "adni"
+    attrs: tuple = ()
+    size: int = 128
+    slices: int = 32
+    spacing: float = 2.0
+    split: tuple = (0.8, 0.1, 0.1)
+    seed: int = 0
+    workers: int = 2
+    keep_columns: tuple = ()
+    label_maps: tuple = ()
+    id_regex: str = ""
+    id_column: str = ""
+    attr_columns: str = ""
+    extra: dict = field(default_factory=dict)   # provenance only (e.g. the synthetic cohort's arguments)
+
+
+@dataclass
+class Summary:
+    skipped: list = field(default_factory=list)     # (path, reason)
+    unmatched: list = field(default_factory=list)   # volumes with no CSV row
+    orphans: list = field(default_factory=list)     # CSV rows with no volume
+    resumed: int = 0
+    volumes: int = 0
+
+    def lines(self, limit=20):
+        out = [f"volumes stored: {self.volumes} (resumed from a previous run: {self.resumed})"]
+        for title, items in (("skipped", [f"{p}: {r}" for p, r in self.skipped]),
+                             ("volumes with no CSV row", self.unmatched),
+                             ("CSV rows with no volume", [str(k) for k in self.orphans])):
+            if items:
+                out.append(f"{title}: {len(items)}")
+                out += [f"  {x}" for x in items[:limit]] + ([f"  ... and {len(items) - limit} more"] if len(items) > limit else [])
+        return out
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _part_name(path):
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(key.encode()).hexdigest() + ".npz"
+
+
+def _process(job):
+    """Worker: one volume -> a part file. Returns (path, error or None, whether the part already existed)."""
+    path, part, size, n_slices, spacing = job
+    if os.path.exists(part):
+        return path, None, True
+    try:
+        slices, plan = process_file(path, size, n_slices, spacing)
+    except BadVolume as e:
+        return path, str(e), False
+    with atomic_path(part) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, slices=slices.astype(np.float16), plan=json.dumps(plan))
+    return path, None, False
+
+
+def _load_part(part):
+    with np.load(part) as z:
+        return z["slices"].astype(np.float32), json.loads(str(z["plan"]))
+
+
+def build(cfg, log=print):
+    """Run the whole pipeline; returns the Summary. Raises CohortError for unusable CSV/arguments."""
+    if cfg.preset == "custom":
+        preset = cohorts.custom_preset(cfg.id_regex, cfg.id_column, cfg.attr_columns)
+    elif cfg.preset in cohorts.PRESETS:
+        preset = cohorts.PRESETS[cfg.preset]
+    else:
+        raise cohorts.CohortError(f"unknown --preset {cfg.preset!r}; choose one of {list(cohorts.PRESETS) + ['custom']}")
+    preset = _copy_preset(preset)
+    cohorts.apply_label_maps(preset, cfg.label_maps)
+    attr_names = list(cfg.attrs or preset.default_attrs)
+    if not os.path.isdir(cfg.images):
+        raise cohorts.CohortError(f"--images {cfg.images} is not a folder")
+    rows = cohorts.read_csv(cfg.csv, preset, attr_names)
+    missing_keep = [c for c in cfg.keep_columns if rows and c not in rows[0]]
+    if missing_keep:
+        raise cohorts.CohortError(f"{cfg.csv}: columns to keep {missing_keep} are missing")
+    volumes = cohorts.find_volumes(cfg.images)
+    if not volumes:
+        raise cohorts.CohortError(f"no .nii, .nii.gz or .img volumes under {cfg.images}")
+    pairs, unmatched, orphans = cohorts.join(volumes, rows, preset)
+    cohorts.check_labels(pairs, preset, attr_names, cfg.csv)
+    summary = Summary(unmatched=unmatched, orphans=orphans)
+
+    # attribute values first: a missing value skips the volume before any image work
+    metas = []
+    for path, match, row in pairs:
+        values = {n: preset.attrs[n].parse(row) for n in attr_names}
+        absent = [n for n, v in values.items() if isinstance(v, float) and math.isnan(v)]
+        if absent:
+            summary.skipped.append((path, f"missing value for {absent} in the CSV row"))
+            continue
+        metas.append({"path": path, "subject": str(preset.subject(match, row)), "visit": str(preset.visit(match, row)),
+                      "attrs": values, "csv": {c: _float(row[c]) for c in cfg.keep_columns}})
+
+    parts_dir = cfg.out + ".parts"
+    args = {k: v for k, v in cfg.__dict__.items() if k not in ("workers", "extra")}
+    args["csv_sha256"] = _sha256(cfg.csv)
+    if os.path.isdir(parts_dir) and os.path.exists(os.path.join(parts_dir, "args.json")):
+        if read_json(os.path.join(parts_dir, "args.json")) != json.loads(json.dumps(args)):
+            log(f"{parts_dir} holds parts from a run with other arguments; starting afresh")
+            shutil.rmtree(parts_dir)
+    os.makedirs(parts_dir, exist_ok=True)
+    write_json(os.path.join(parts_dir, "args.json"), args)
+
+    jobs = [(m["path"], os.path.join(parts_dir, _part_name(m["path"])), cfg.size, cfg.slices, cfg.spacing) for m in metas]
+    errors = {}
+    with _pool(cfg.workers) as pool:
+        imap = pool.imap(_process, jobs) if pool else map(_process, jobs)
+        for path, error, resumed in tqdm(imap, total=len(jobs), desc="volumes", unit="vol"):
+            if error:
+                errors[path] = error
+            summary.resumed += resumed
+    summary.skipped += [(p, errors[p]) for p in sorted(errors)]
+    kept = [(m, j[1]) for m, j in zip(metas, jobs) if m["path"] not in errors]
+    summary.volumes = len(kept)
+    if not kept:
+        for line in summary.lines():
+            log(line)
+        raise cohorts.CohortError("no usable volume: every volume was skipped or unmatched (summary above)")
+
+    # subject-level split, stratified by diagnosis where there is one
+    strat = preset.stratify if preset.stratify in attr_names else ""
+    first = {}
+    for m, _ in kept:
+        first.setdefault(m["subject"], m["attrs"][strat] if strat else 0)
+    split_of = assign_splits(list(first), [first[s] for s in first], cfg.split, cfg.seed)
+    train_values = {n: [m["attrs"][n] for m, _ in kept if split_of[m["subject"]] == 0] for n in attr_names}
+    schema = Schema([Attribute(n, preset.attrs[n].kind, list(preset.attrs[n].classes)).fit(train_values[n] or [0.0])
+                     for n in attr_names])
+    for m, part in kept:
+        m["split"] = split_of[m["subject"]]
+        m["slice_mm"] = (np.arange(cfg.slices) - (cfg.slices - 1) / 2) * cfg.spacing
+    provenance = {"arguments": {k: v for k, v in cfg.__dict__.items()}, "csv": os.path.abspath(cfg.csv),
+                  "csv_sha256": args["csv_sha256"], "preset": preset.name, "skipped": len(summary.skipped)}
+    write_store(cfg.out, [m for m, _ in kept], lambda i: _load_part(kept[i][1]), schema, cfg.size,
+                provenance, cfg.keep_columns)
+    shutil.rmtree(parts_dir)
+    return summary
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _copy_preset(preset):
+    """Presets are module-level; label maps and discovered classes must not leak between runs."""
+    return copy.deepcopy(preset)
+
+
+class _pool:
+    """A process pool for `workers > 1`, else None (in-process, easier to debug)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self.pool
+
+    def __exit__(self, *exc):
+        if self.pool:
+            self.pool.terminate()
+
+
+SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "noise_seed", "IMAGEUID")
+
+
+def synthetic_config(cfg, n_subjects, volumes_dir):
+    """Generate the phantom cohort (NIfTI + ADNIMERGE-style CSV) and point `cfg` at it: the store is then
+    built through the same `adni` preset path as real data, keeping the ground-truth columns."""
+    from mri import synthetic
+    csv_path = synthetic.write_cohort(n_subjects, volumes_dir, seed=cfg.seed, workers=cfg.workers)
+    return PrepConfig(**dict(cfg.__dict__, images=volumes_dir, csv=csv_path, preset="adni",
+                             keep_columns=SYNTHETIC_TRUTH_COLUMNS,
+                             extra={"synthetic": {"subjects": n_subjects, "seed": cfg.seed}}))
