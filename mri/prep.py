@@ -205,6 +205,7 @@ class _pool:
     def __exit__(self, *exc):
         if self.pool:
             self.pool.terminate()
+            self.pool.join()
 
 
 SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "noise_seed", "IMAGEUID")
