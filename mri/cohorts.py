@@ -166,11 +166,11 @@ def apply_label_maps(preset, label_maps):
 
 
 def find_volumes(root):
-    """Every .nii, .nii.gz and Analyze .img under `root`, sorted."""
+    """Every .nii, .nii.gz and Analyze .img under `root`, sorted; hidden files (temporary ones) are ignored."""
     found = []
     for dirpath, _, files in os.walk(root):
         for f in files:
-            if f.endswith(VOLUME_SUFFIXES):
+            if f.endswith(VOLUME_SUFFIXES) and not f.startswith("."):
                 found.append(os.path.join(dirpath, f))
     return sorted(found)
 
