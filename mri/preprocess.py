@@ -52,12 +52,17 @@ def load_canonical(path):
     return np.ascontiguousarray(data), affine
 
 
+def intensity_scale(data):
+    """The value mapped to +1: the 99.5th percentile of the positive voxels."""
+    positive = data[data > 0]
+    if positive.size == 0:
+        raise BadVolume("empty volume (no positive voxels)")
+    return float(np.percentile(positive, PERCENTILE))
+
+
 def plan_volume(data, affine, n_slices, spacing_mm):
     """Geometry and intensity scale of one canonical volume (JSON-serialisable)."""
-    positive = data[data > 0]
-    if positive.size == 0 or positive.max() <= 0:
-        raise BadVolume("empty volume (no positive voxels)")
-    scale = float(np.percentile(positive, PERCENTILE))
+    scale = intensity_scale(data)
     fg = data > FOREGROUND * scale
     if not fg.any():
         raise BadVolume("empty volume (no foreground)")

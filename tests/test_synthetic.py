@@ -1,0 +1,168 @@
+"""Synthetic phantom cohort: determinism, prescribed atrophy rates, contrast, files and the disease clock."""
+import csv
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mri import synthetic as syn
+from mri.grids import read_png_size
+
+SEED = 11  # the subject most tests look at
+
+
+def volumes(age, tau, seed=SEED):
+    _, masks = syn.render(seed, age, tau, noise_seed=1)
+    return {k: int(m.sum()) for k, m in masks.items()}
+
+
+def test_render_is_deterministic_and_well_formed():
+    vol, masks = syn.render(SEED, 70.0, 1.0, noise_seed=3)
+    syn._anatomy.cache_clear()  # rebuild the subject from scratch
+    again, _ = syn.render(SEED, 70.0, 1.0, noise_seed=3)
+    assert vol.dtype == np.float32 and vol.shape == syn.SHAPE
+    assert vol.tobytes() == again.tobytes()
+    assert set(masks) == {"brain", "ventricles", "hippocampus"}
+    assert all(m.dtype == bool and m.shape == syn.SHAPE for m in masks.values())
+    assert not (masks["brain"] & masks["ventricles"]).any() and (masks["hippocampus"] <= masks["brain"]).all()
+    assert vol.min() == 0.0 and vol[0, 0, 0] == 0.0  # skull-stripped: zero background
+    assert 900 < masks["brain"].sum() * syn.VOXEL_MM ** 3 / 1e3 < 1600  # ml
+
+
+def test_make_cohort_is_deterministic_and_adni_like():
+    rows = syn.make_cohort(60, seed=3)
+    assert rows == syn.make_cohort(60, seed=3)
+    assert rows != syn.make_cohort(60, seed=4)
+    assert len(rows) == 180 and all(tuple(r) == syn.COLUMNS for r in rows)
+    assert len({r["IMAGEUID"] for r in rows}) == 180 and len({r["PTID"] for r in rows}) == 60
+    bl = [r for r in rows if r["VISCODE"] == "bl"]
+    assert {r["DX_bl"] for r in bl} <= {"CN", "EMCI", "LMCI", "AD"} and {r["DX"] for r in rows} <= set(syn.DX)
+    assert all(55 <= r["AGE"] <= 90 and 0 <= r["MMSE"] <= 30 and 0 <= r["ADAS13"] <= 85 and 0 <= r["FAQ"] <= 30
+               for r in rows)
+    for r in bl:  # DX_bl spells the baseline stage
+        assert {"CN": "CN", "EMCI": "MCI", "LMCI": "MCI", "AD": "Dementia"}[r["DX_bl"]] == r["DX"]
+    mmse = {dx: np.mean([r["MMSE"] for r in rows if r["DX"] == dx]) for dx in syn.DX}
+    assert mmse["CN"] > mmse["MCI"] > mmse["Dementia"]
+    by_subject = {}
+    for r in rows:
+        by_subject.setdefault(r["PTID"], []).append(r["DX"])
+    assert any(dxs[0] == "MCI" and dxs[-1] == "Dementia" for dxs in by_subject.values())  # converters
+
+
+@pytest.mark.parametrize("dx, age, tau, years", [("CN", 65.0, -math.inf, 10.0), ("MCI", 65.0, 0.5, 3.0),
+                                                 ("Dementia", 70.0, 5.0, 10.0)])
+def test_volumes_change_at_the_prescribed_rates(dx, age, tau, years):
+    assert syn.stage(tau) == dx == syn.stage(tau + years - 1e-9)
+    before, after = volumes(age, tau), volumes(age + years, tau + years)
+    measured = {k: (after[k] / before[k]) ** (1 / years) - 1 for k in before}
+    print(dx, {k: f"{100 * v:+.2f} %/yr" for k, v in measured.items()})
+    for mask, structure in (("brain", "brain"), ("ventricles", "ventricles"), ("hippocampus", "hippocampus")):
+        expected = syn.ANNUAL_CHANGE[structure][dx]
+        assert measured[mask] == pytest.approx(expected, rel=0.10), (mask, measured[mask], expected)
+
+
+def test_disease_accelerates_atrophy_at_the_same_age():
+    cn, ad = volumes(80.0, -math.inf), volumes(80.0, 8.0)
+    assert ad["hippocampus"] < cn["hippocampus"] and ad["brain"] < cn["brain"]
+    assert ad["ventricles"] > cn["ventricles"]
+
+
+def test_subjects_differ_more_than_visits():
+    a70, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=1)
+    a72, _ = syn.render(SEED, 72.0, -math.inf, noise_seed=2)
+    b70, _ = syn.render(SEED + 1, 70.0, -math.inf, noise_seed=3)
+    intra, inter = np.abs(a70 - a72).mean(), np.abs(a70 - b70).mean()
+    assert inter > 2 * intra, (inter, intra)
+
+
+def test_tissue_contrast():
+    vol, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=4)
+    lab = syn.render_labels(SEED, 70.0, -math.inf)
+    wm = np.median(vol[lab == syn.LABELS.index("wm")])
+    gm = np.median(vol[lab == syn.LABELS.index("gm")])
+    csf = np.median(vol[ndimage.binary_erosion(lab == syn.LABELS.index("ventricle"), iterations=2)])  # no PV
+    assert wm == pytest.approx(1.0, abs=0.05)
+    assert gm / wm == pytest.approx(0.75, abs=0.07)
+    assert csf / wm == pytest.approx(0.30, abs=0.07)
+
+
+def test_disease_clock():
+    for row in syn.make_cohort(40, seed=5):
+        tau, age = syn.tau_of(row), row["AGE"] + row["Years_bl"]
+        assert syn.disease_clock(tau, age, age, row["DX"]) == tau
+        assert syn.stage(tau) == row["DX"]
+    assert syn.disease_clock(2.0, 70, 70, "CN") == -math.inf
+    assert syn.disease_clock(-3.0, 70, 71, "CN") == -2.0  # still before onset: unchanged
+    assert syn.disease_clock(-math.inf, 70, 75, "MCI") == 0.5
+    assert syn.disease_clock(9.0, 70, 70, "MCI") == syn.T_MCI - 0.5
+    assert syn.disease_clock(1.0, 70, 72, "MCI") == 3.0  # clock runs on inside the stage
+    assert syn.disease_clock(1.0, 70, 70, "Dementia") == syn.T_MCI + 0.5
+    assert syn.disease_clock(5.0, 70, 80, "Dementia") == 15.0
+
+
+def test_write_cohort_matches_render_row(tmp_path):
+    out = str(tmp_path / "volumes")
+    path = syn.write_cohort(2, out, seed=7, workers=2, visits=("bl", "m12"))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == syn.COLUMNS == ("PTID", "VISCODE", "AGE", "Years_bl", "DX", "DX_bl", "ADAS13", "MMSE",
+                                             "FAQ", "PTGENDER", "PTEDUCAT", "IMAGEUID", "subject_seed",
+                                             "onset_age", "noise_seed")
+    assert len(rows) == 4 and sorted(os.listdir(out)) == sorted([syn.volume_name(r) for r in rows] + ["cohort.csv"])
+    for row in rows:  # rows as read back from the CSV (strings)
+        img = nib.load(os.path.join(out, syn.volume_name(row)))
+        assert img.get_data_dtype() == np.int16 and img.shape == syn.SHAPE
+        assert np.allclose(img.affine, syn.affine())
+        vol, _ = syn.render_row(row)
+        assert np.array_equal(img.get_fdata(dtype=np.float32), vol)
+    own_age = float(rows[0]["AGE"]) + float(rows[0]["Years_bl"])
+    same, _ = syn.render_row(rows[0], age=own_age, dx=rows[0]["DX"])
+    assert same.tobytes() == syn.render_row(rows[0])[0].tobytes()
+    assert np.array_equal(syn.quantise(vol), vol)
+
+    stamp = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".nii.gz")}
+    syn.write_cohort(2, out, seed=7, workers=1, visits=("bl", "m12"))  # everything present: nothing rewritten
+    assert stamp == {n: os.path.getmtime(os.path.join(out, n)) for n in stamp}
+
+
+def test_volume_name():
+    row = {"PTID": "002_S_0001", "IMAGEUID": 40001}
+    assert syn.volume_name(row) == "ADNI_002_S_0001_MR_MPRAGE_br_raw_S40000_I40001.nii.gz"
+
+
+def test_figure_aging(tmp_path):
+    path = syn.figure_aging(str(tmp_path / "aging.png"), subject_seed=SEED, ages=(60, 90))
+    assert read_png_size(path) == (2 * (2 * syn.SHAPE[1] + 2) + 2, 2 * (2 * syn.SHAPE[0] + 2) + 2)
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    from mri import prep
+    d = tmp_path_factory.mktemp("synstore")
+    cfg = prep.PrepConfig(images="", csv="", out=str(d / "s.h5"), size=32, slices=6, spacing=8.0, workers=1,
+                          split=(0.5, 0.25, 0.25))
+    cfg = prep.synthetic_config(cfg, 4, str(d / "vols"))
+    prep.build(cfg, log=lambda *a: None)
+    return cfg.out
+
+
+def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
+    from mri.store import SliceStore
+    with SliceStore(synthetic_store) as st:
+        assert st.schema.names == ["age", "dx", "adas13", "mmse", "faq", "sex", "educ"]
+        idx = np.arange(len(st))
+        own = syn.counterfactual(st, idx)
+        np.testing.assert_array_equal(own["images"].astype(np.float16), st.images(idx).astype(np.float16))
+        same = syn.counterfactual(st, idx, age=st.attrs["age"][idx], dx=st.attrs["dx"][idx])
+        np.testing.assert_array_equal(same["images"], own["images"])
+        # ten years later: ventricles larger, hippocampus and brain smaller (summed over the slab)
+        older = syn.counterfactual(st, idx, age=st.attrs["age"][idx] + 10, masks=True)
+        assert older["ventricles"].sum() > own["ventricles"].sum() * 1.15
+        assert older["hippocampus"].sum() < own["hippocampus"].sum()
+        assert older["brain"].sum() < own["brain"].sum()
+        assert older["masks"]["ventricles"].shape == (len(idx), 32, 32)
+        demented = syn.counterfactual(st, idx, dx=np.full(len(idx), 2))
+        assert demented["hippocampus"].sum() < own["hippocampus"].sum()
