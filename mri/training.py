@@ -59,10 +59,27 @@ def set_seed(seed):
     keras.utils.set_random_seed(seed)
 
 
+def make_batches(args, n_samples=4):
+    """Train batches (shuffled, jittered) and fixed validation ones for the sample grids (None when the store
+    has no validation split: fit then samples the train split). A missing store or an unknown attribute
+    exits with a message naming the fix or the available attributes."""
+    from mri.loader import Batches
+    from mri.store import StoreError
+    try:
+        train = Batches(args.store, "train", args.attrs, args.batch_size, args.seed, jitter=args.jitter)
+    except (StoreError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e.args[0]}")
+    try:
+        val = Batches(train.store, "val", args.attrs, batch_size=n_samples, shuffle=False)
+    except (StoreError, ValueError):
+        val = None
+    return train, val
+
+
 class Run:
     """A run directory: config.json (arguments + schema + method), checkpoint, log.csv, tb/, samples/."""
 
-    def __init__(self, out, method, args, schema, resume=False):
+    def __init__(self, out, method, args, schema, resume=False, growable=("epochs",)):
         self.out, self.method = out, method
         self.checkpoint = os.path.join(out, CHECKPOINT)
         config_path = os.path.join(out, "config.json")
@@ -73,10 +90,11 @@ class Run:
                 raise SystemExit(f"--resume: no checkpoint in {out}; start it without --resume")
             old = read_json(config_path)
             changed = {k for k in set(old["args"]) | set(config["args"])
-                       if k not in ("epochs",) and old["args"].get(k) != config["args"].get(k)}
+                       if k not in growable and old["args"].get(k) != config["args"].get(k)}
             if changed:
+                flags = ", ".join("--" + k.replace("_", "-") for k in growable)
                 raise SystemExit(f"--resume: arguments {sorted(changed)} differ from {config_path}; "
-                                 "a resumed run must use the same ones (only --epochs may grow)")
+                                 f"a resumed run must use the same ones (only {flags} may grow)")
         elif os.path.exists(self.checkpoint):
             raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -140,6 +158,28 @@ def sweep_grid(manipulate, images, raw, schema, n_steps=5):
     return grids.tile(cells)
 
 
+class Events:
+    """TensorBoard event files written with TensorFlow alone: tf.summary.scalar/image and
+    keras.callbacks.TensorBoard need the tensorboard package, which TensorFlow no longer installs."""
+
+    def __init__(self, logdir):
+        import tensorflow as tf
+        self.writer = tf.summary.create_file_writer(logdir)
+
+    def write(self, step, scalars=None, images=None):
+        """scalars {tag: number}, images {tag: uint8 (H, W) or (H, W, 3)}, as one Summary at `step`."""
+        import tensorflow as tf
+        summary = tf.compat.v1.Summary
+        values = [summary.Value(tag=k, simple_value=float(v)) for k, v in (scalars or {}).items()]
+        values += [summary.Value(tag=k, image=summary.Image(height=im.shape[0], width=im.shape[1],
+                                                             colorspace=1 if im.ndim == 2 else 3,
+                                                             encoded_image_string=grids.png_bytes(im)))
+                   for k, im in (images or {}).items()]
+        with self.writer.as_default():
+            tf.summary.experimental.write_raw_pb(summary(value=values).SerializeToString(), step=step)
+        self.writer.flush()
+
+
 class SampleGrids:
     """Each epoch: an attribute-sweep grid of fixed validation images, as PNG and as a TensorBoard image."""
 
@@ -149,20 +189,28 @@ class SampleGrids:
         x, y = batches.batch(0)
         self.images, self.raw = x[:n], batches.schema.decode(y[:n])
         self.schema = batches.schema
+        self.events = Events(os.path.join(run.out, "tb", "samples"))
         self.callback = _make_callback(keras, self)
 
     def __call__(self, model, epoch):
-        import tensorflow as tf
         grid = sweep_grid(model.manipulate, self.images, self.raw, self.schema)
         grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}.png"), grid)
-        with tf.summary.create_file_writer(os.path.join(self.run.out, "tb", "samples")).as_default():
-            tf.summary.image("attribute_sweep", grid[None, ..., None] if grid.ndim == 2 else grid[None], step=epoch + 1)
+        self.events.write(epoch + 1, images={"attribute_sweep": grid})
 
 
 def _make_callback(keras, sample):
     class _Cb(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             sample(self.model, epoch)
+    return _Cb()
+
+
+def _scalars_callback(keras, logdir):
+    events = Events(logdir)
+
+    class _Cb(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            events.write(epoch + 1, scalars=logs)
     return _Cb()
 
 
@@ -173,25 +221,28 @@ def _checkpoint_callback(keras, path):
     return _Cb()
 
 
-def fit(model, batches, run, args, val_batches=None):
-    """Train `model` (compiled) with Model.fit from where its checkpoint stopped, up to args.epochs.
+def fit(model, batches, run, args, val_batches=None, epochs=None, callbacks=()):
+    """Train `model` (compiled) with Model.fit from where its checkpoint stopped, up to `epochs` (default
+    args.epochs; a method with phases passes their total and a callback switching them, run before the others).
     Saves the checkpoint at each epoch end, appends log.csv, writes TensorBoard scalars and sample grids."""
     import keras
     from mri.loader import dataset
     steps = args.steps_per_epoch or batches.steps_per_epoch
+    epochs = args.epochs if epochs is None else epochs
     start_epoch = 0
     if args.resume:
         load_checkpoint(run.checkpoint, model, model.optimizers)
         start_epoch = int(model.step.numpy()) // steps
-        if start_epoch >= args.epochs:
-            print(f"{run.out}: already trained for {start_epoch} epochs (--epochs {args.epochs}); nothing to do")
+        if start_epoch >= epochs:
+            print(f"{run.out}: already trained for {start_epoch} of {epochs} epochs; nothing to do")
             return None
     callbacks = [
+        *callbacks,
         _checkpoint_callback(keras, run.checkpoint),
         keras.callbacks.CSVLogger(os.path.join(run.out, "log.csv"), append=bool(args.resume)),
-        keras.callbacks.TensorBoard(os.path.join(run.out, "tb"), write_graph=False),
+        _scalars_callback(keras, os.path.join(run.out, "tb", "train")),
         SampleGrids(run, val_batches or batches).callback,
     ]
-    return model.fit(dataset(batches, start_step=start_epoch * steps), epochs=args.epochs,
-                     initial_epoch=start_epoch, steps_per_epoch=steps, callbacks=callbacks,
+    return model.fit(dataset(batches, start_step=start_epoch * steps), epochs=epochs,
+                     initial_epoch=start_epoch, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
                      verbose=1 if sys.stdout.isatty() else 2)

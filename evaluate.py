@@ -1,0 +1,61 @@
+"""Score methods alike on the test split: effectiveness, identity, composition, reversibility, realism and
+(synthetic stores) ground truth; draws attribute trajectories.
+
+    python evaluate.py --store data/synthetic.h5 --oracle runs/oracle \\
+        --methods identity,meandiff,truth,runs/fader/default --out reports/default
+
+Writes <out>/metrics.json, <out>/report.md and trajectory PNGs (sample sizes in their names and captions).
+"""
+import argparse
+import os
+import sys
+
+from mri.io import atomic_path, write_json
+from mri.store import SliceStore, StoreError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="HDF5 slice store (its test split is evaluated)")
+    p.add_argument("--oracle", required=True, help="run directory of train_oracle.py")
+    p.add_argument("--methods", default="identity,meandiff",
+                   help="comma-separated baselines (identity, meandiff, truth) and run directories")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--n", type=int, default=512, help="test slices sampled")
+    p.add_argument("--subjects", type=int, default=4, help="test subjects (rows) in the trajectory figures")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample, the changes and the figures' subjects")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or args.n < 2:
+        p.error("give at least one method in --methods and --n >= 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import keras
+    from models import load_method
+    from models.baselines import make
+    from models.oracle import load_oracle
+    from mri import evaluation
+    keras.utils.set_random_seed(args.seed)
+    try:
+        store = SliceStore(args.store)
+        oracle = load_oracle(args.oracle)
+        methods = {spec: load_method(spec, store) for spec in args.methods}
+        truth = make("truth", store) if evaluation.is_synthetic(store) else None
+        metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size)
+    except (StoreError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+    metrics["oracle"] = args.oracle
+    changes = [evaluation.change_for(a) for a in oracle.schema.attributes]
+    metrics["figures"] = evaluation.draw_trajectories(store, methods, changes, args.out, args.seed, args.subjects, truth)
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(evaluation.report_markdown(metrics, f"Evaluation of {', '.join(methods)}"))
+    print(f"wrote {os.path.abspath(args.out)}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Reference methods every trained method is compared with (evaluate.py --methods identity,meandiff,truth).
+
+- identity: changes nothing; its scores are the "no change" floor of effectiveness and the ceiling of identity.
+- meandiff: a voxel-wise linear model of intensity on the attributes, fitted per slice position on the train
+  split; it adds the predicted difference f(target) - f(source), i.e. the population-average effect of the
+  change, the same for every subject (what a method must beat to claim subject-specific changes).
+- truth: the exact counterfactual of the synthetic phantom, rendered at the target attributes.
+"""
+import numpy as np
+
+from mri.evaluation import is_synthetic
+
+NAMES = ("identity", "meandiff", "truth")
+
+
+def make(name, store):
+    """A baseline by name, ready to `manipulate` images of `store`."""
+    if name == "identity":
+        return Identity()
+    if name == "meandiff":
+        return MeanDiff.fit(store)
+    if name == "truth":
+        return Truth(store)
+    raise ValueError(f"unknown baseline {name!r}; choose one of {NAMES}")
+
+
+def _index(source_attrs, target_attrs):
+    idx = target_attrs.get("index", source_attrs.get("index"))
+    return None if idx is None else np.asarray(idx, np.int64)
+
+
+class Identity:
+    """Returns the input unchanged."""
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        return np.asarray(images, np.float32)
+
+
+def design(schema, raw):
+    """Regressors of the linear model: the schema's encoding (continuous z-scored, binary 0/1, categorical
+    one-hot) with each categorical's first class dropped as the reference level. (N, d) float64."""
+    x = schema.encode(raw).astype(np.float64)
+    dropped = [schema.slices[a.name].start for a in schema.attributes if a.kind == "categorical"]
+    return np.delete(x, dropped, axis=1)
+
+
+class MeanDiff:
+    """y(pixel) = b0 + x . b per slice position (least squares with intercept, a tiny ridge on b so a class
+    absent at some position gets b = 0). `coef[p]` holds b (d, S*S) of position p; `coef_all` is one model
+    over every position, used when the slices' store indices are not given."""
+
+    def __init__(self, schema, size, position, coef, coef_all):
+        self.schema, self.size, self.position = schema, size, position
+        self.coef, self.coef_all = coef, coef_all
+
+    @classmethod
+    def fit(cls, store, split="train", chunk=256, ridge=1e-3):
+        """Streams the split in chunks of slices, accumulating X^T X and X^T Y per position (normal
+        equations), so memory stays O(positions * d * S^2) whatever the store's size."""
+        idx = store.indices(split)
+        positions = int(store.slice.max()) + 1
+        d = design(store.schema, store.raw(idx[:1])).shape[1] + 1
+        xtx = np.zeros((positions, d, d))
+        xty = np.zeros((positions, d, store.size ** 2))
+        for start in range(0, len(idx), chunk):
+            part = idx[start:start + chunk]
+            x = np.concatenate([np.ones((len(part), 1)), design(store.schema, store.raw(part))], axis=1)
+            y = store.images(part).reshape(len(part), -1).astype(np.float64)
+            for p in np.unique(store.slice[part]):
+                m = store.slice[part] == p
+                xtx[p] += x[m].T @ x[m]
+                xty[p] += x[m].T @ y[m]
+        penalty = np.diag([0.0] + [ridge] * (d - 1))
+
+        def solve(a, b):
+            return np.linalg.solve(a + penalty, b)[1:].astype(np.float32)
+
+        coef_all = solve(xtx.sum(0), xty.sum(0))
+        coef = np.stack([solve(xtx[p], xty[p]) if xtx[p, 0, 0] > 0 else coef_all for p in range(positions)])
+        return cls(store.schema, store.size, store.slice, coef, coef_all)
+
+    def difference(self, source_attrs, target_attrs):
+        """f(target) - f(source), (N, S, S); attributes missing from the target keep the source's value."""
+        names = self.schema.names
+        dx = (design(self.schema, {n: target_attrs.get(n, source_attrs[n]) for n in names})
+              - design(self.schema, {n: source_attrs[n] for n in names})).astype(np.float32)
+        idx = _index(source_attrs, target_attrs)
+        if idx is None:
+            delta = dx @ self.coef_all
+        else:
+            delta = np.einsum("nd,ndp->np", dx, self.coef[self.position[idx]])
+        return delta.reshape(-1, self.size, self.size)
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        """images + f(target) - f(source), clipped to the [-1, 1] intensity range."""
+        x = np.asarray(images, np.float32)
+        return np.clip(x + self.difference(source_attrs, target_attrs).reshape(x.shape), -1.0, 1.0)
+
+
+class Truth:
+    """The synthetic phantom re-rendered at the target age and diagnosis (mri.synthetic.counterfactual);
+    needs the slices' store indices ("index") and a store built with `data_prep.py --synthetic`."""
+
+    def __init__(self, store):
+        if not is_synthetic(store):
+            raise ValueError(f"{store.path} is not a synthetic store (no csv/subject_seed), so it has no true "
+                             "counterfactual: drop `truth` from --methods, or build one with "
+                             "`python data_prep.py --synthetic 200 --out data/synthetic.h5`")
+        self.store = store
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        from mri import synthetic
+        idx = _index(source_attrs, target_attrs)
+        if idx is None:
+            raise ValueError("truth needs the slices' store indices: pass attrs['index']")
+        out = synthetic.counterfactual(self.store, idx, age=target_attrs.get("age"), dx=target_attrs.get("dx"))
+        return np.asarray(out["images"], np.float32)[..., None]

@@ -1,0 +1,112 @@
+"""The shared training pieces (mri/training.py): checkpoints, the run directory, --jit, sweep grids, batches."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from mri import training
+from mri.attributes import Attribute, Schema
+
+
+def schema():
+    return Schema([Attribute("age", "continuous").fit([60, 70, 80]),
+                   Attribute("dx", "categorical", ["CN", "MCI", "Dementia"]), Attribute("sex", "binary", ["F", "M"])])
+
+
+def tiny_model(seed):
+    """A model with weights, BatchNorm statistics and a seed generator, and its Adam optimizer."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((3,))
+    model = keras.Model(x, keras.layers.Dense(2)(keras.layers.BatchNormalization()(x)))
+    model.noise = keras.random.SeedGenerator(seed)
+    optimizer = keras.optimizers.Adam(1e-2)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def train_step(model, optimizer):
+    import tensorflow as tf
+    x = np.arange(12, dtype="float32").reshape(4, 3)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True)))
+    optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    import keras
+    path = str(tmp_path / "ck.npz")
+    a, opt_a = tiny_model(0)
+    for _ in range(3):
+        train_step(a, opt_a)
+    training.save_checkpoint(path, a, {"g": opt_a})
+    next_draw = keras.random.uniform((4,), seed=a.noise).numpy()
+    b, opt_b = tiny_model(1)
+    training.load_checkpoint(path, b, {"g": opt_b})
+    for va, vb in zip(a.variables + opt_a.variables, b.variables + opt_b.variables):
+        if va is not a.noise.state:
+            np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+    assert int(opt_b.iterations.numpy()) == 3
+    np.testing.assert_array_equal(keras.random.uniform((4,), seed=b.noise).numpy(), next_draw)
+    # the same next step from both
+    train_step(a, opt_a), train_step(b, opt_b)
+    np.testing.assert_array_equal(a.layers[-1].kernel.numpy(), b.layers[-1].kernel.numpy())
+    # weights only (inference), and clear errors for another architecture or a missing file
+    c, _ = tiny_model(2)
+    training.load_checkpoint(path, c)
+    with pytest.raises(ValueError, match="has shape"):
+        x = keras.Input((4,))
+        training.load_checkpoint(path, keras.Model(x, keras.layers.Dense(2)(keras.layers.BatchNormalization()(x))))
+    with pytest.raises(FileNotFoundError):
+        training.load_checkpoint(str(tmp_path / "none.npz"), c)
+
+
+def args(**kw):
+    return argparse.Namespace(**dict(dict(store="s.h5", attrs=["age"], epochs=2, lr=1e-3, resume=False), **kw))
+
+
+def test_run_refuses_to_overwrite_and_to_resume_with_other_arguments(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        training.Run(out, "fader", args(resume=True), schema(), resume=True)
+    run = training.Run(out, "fader", args(), schema())
+    assert training.load_config(out)["method"] == "fader" and "resume" not in run.config["args"]
+    assert Schema.from_json(json.dumps(training.load_config(out)["schema"])).names == ["age", "dx", "sex"]
+    open(run.checkpoint, "wb").close()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        training.Run(out, "fader", args(), schema())
+    with pytest.raises(SystemExit, match=r"\['lr'\] differ"):
+        training.Run(out, "fader", args(lr=1e-4), schema(), resume=True)
+    training.Run(out, "fader", args(epochs=5), schema(), resume=True)   # only --epochs may grow
+    assert training.load_config(out)["args"]["epochs"] == 5
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        training.load_config(str(tmp_path))
+
+
+def test_jit_is_off_on_cpu_by_default():
+    assert training.jit_compile("auto") is False
+    assert training.jit_compile("on") is True and training.jit_compile("off") is False
+
+
+def test_sweep_grid_shape():
+    s = schema()
+    images = np.zeros((3, 16, 16, 1), np.float32)
+    raw = {"age": np.array([60.0, 70, 80]), "dx": np.array([0, 1, 2]), "sex": np.array([0, 1, 0])}
+    calls = []
+
+    def manipulate(x, source, target):
+        calls.append(target)
+        return x
+    grid = training.sweep_grid(manipulate, images, raw, s, n_steps=5)
+    columns = 1 + 5 + 3 + 2   # source, age -2..+2 std, each dx class, each sex
+    assert grid.shape == (3 * 18 + 2, columns * 18 + 2) and grid.dtype == np.uint8
+    assert len(calls) == columns - 1
+    np.testing.assert_allclose(calls[0]["age"], s["age"].mean - 2 * s["age"].std)
+    assert calls[5]["dx"].tolist() == [0, 0, 0] and calls[-1]["sex"].tolist() == [1, 1, 1]
+
+
+def test_make_batches_errors_are_clear(tmp_path):
+    a = args(store=str(tmp_path / "missing.h5"), batch_size=4, seed=0, jitter=0.0)
+    with pytest.raises(SystemExit, match="cannot open store"):
+        training.make_batches(a)

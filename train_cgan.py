@@ -1,0 +1,39 @@
+"""Train a cGAN / IcGAN (models/cgan.py): the conditional GAN for --epochs, then its encoders E_z, E_y for
+--encoder-epochs, as two phases of one resumable run.
+
+    python train_cgan.py --store data/synthetic.h5 --attrs age,dx,sex --out runs/cgan/default \\
+        --epochs 25 --encoder-epochs 10 [--laplacian]
+    python train_cgan.py ...same arguments... --resume     # continues whichever phase was running
+"""
+import argparse
+
+from models import cgan
+from mri import training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_args(p, "cgan", epochs=25, batch_size=64, attrs="age,dx,sex")
+    p.add_argument("--encoder-epochs", type=int, default=10, help="encoder-phase epochs, after the --epochs of the GAN")
+    p.add_argument("--z-dim", type=int, default=100, help="noise dimension")
+    p.add_argument("--filters", type=int, default=64, help="feature maps at half size (64: up to 1024)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (D, G, encoders)")
+    p.add_argument("--laplacian", action="store_true", help="give G a real slice's Laplacian (its shape)")
+    return training.parse(p, argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    training.set_seed(args.seed)
+    batches, val = training.make_batches(args)
+    args.size = batches.store.size
+    run = training.Run(args.out, "cgan", args, batches.schema, args.resume, growable=("epochs", "encoder_epochs"))
+    model = cgan.from_args(vars(args), batches.schema, wrong_means=cgan.group_means(batches.schema, batches.y))
+    cgan.compile_from_args(model, vars(args))
+    training.fit(model, batches, run, args, val, epochs=args.epochs + args.encoder_epochs,
+                 callbacks=[cgan.PhaseSwitch(args.epochs)])
+    return model
+
+
+if __name__ == "__main__":
+    main()
