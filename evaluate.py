@@ -8,9 +8,8 @@ Writes <out>/metrics.json, <out>/report.md and trajectory PNGs (sample sizes in 
 """
 import argparse
 import os
-import sys
 
-from mri.io import atomic_path, write_json
+from mri.io import atomic_path, exit_on, write_json
 from mri.store import SliceStore, StoreError
 
 
@@ -40,14 +39,12 @@ def main(argv=None):
     from models.oracle import load_oracle
     from mri import evaluation
     keras.utils.set_random_seed(args.seed)
-    try:
+    with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
         store = SliceStore(args.store)
         oracle = load_oracle(args.oracle)
         methods = {spec: load_method(spec, store) for spec in args.methods}
         truth = make("truth", store) if evaluation.is_synthetic(store) else None
         metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size)
-    except (StoreError, FileNotFoundError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
     metrics["oracle"] = args.oracle
     changes = [evaluation.change_for(a) for a in oracle.schema.attributes]
     metrics["figures"] = evaluation.draw_trajectories(store, methods, changes, args.out, args.seed, args.subjects, truth)

@@ -24,10 +24,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    training.set_seed(args.seed)
-    batches, val = training.make_batches(args)
-    args.size = batches.store.size
-    run = training.Run(args.out, "cgan", args, batches.schema, args.resume, growable=("epochs", "encoder_epochs"))
+    batches, val, run = training.start_run(args, "cgan", growable=("epochs", "encoder_epochs"))
     model = cgan.from_args(vars(args), batches.schema, wrong_means=cgan.group_means(batches.schema, batches.y))
     cgan.compile_from_args(model, vars(args))
     training.fit(model, batches, run, args, val, epochs=args.epochs + args.encoder_epochs,

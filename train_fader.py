@@ -33,10 +33,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    training.set_seed(args.seed)
-    batches, val = training.make_batches(args)
-    args.size = batches.store.size
-    run = training.Run(args.out, "fader", args, batches.schema, resume=args.resume)
+    batches, val, run = training.start_run(args, "fader")
     model = fader.compile_from_args(fader.from_args(vars(args), batches.schema), vars(args))
     return training.fit(model, batches, run, args, val)
 

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from mri.io import write_json
+from mri.io import exit_on, write_json
 from mri.store import SliceStore, StoreError
 
 
@@ -37,13 +37,11 @@ def main(argv=None):
     from models import oracle
     from mri.loader import Batches
     keras.utils.set_random_seed(args.seed)
-    try:
+    with exit_on(StoreError, KeyError, ValueError):
         store = SliceStore(args.store)
         train = Batches(store, "train", args.attrs, args.batch_size, args.seed, shuffle=True, jitter=args.jitter)
         n_val = len(store.indices("val"))
         val = Batches(store, "val", args.attrs, min(args.batch_size, n_val), args.seed, shuffle=False)
-    except (StoreError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
     schema = train.schema
     write_json(os.path.join(args.out, "config.json"),
                {"method": "oracle", "args": vars(args), "schema": json.loads(schema.to_json())})

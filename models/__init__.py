@@ -8,7 +8,8 @@ ignores keys it does not know (the evaluator also passes "index", the slices' st
 `truth` baseline uses).
 
 `load_method(spec, store)` turns an evaluate.py `--methods` item into such an object: a baseline name, or a run
-directory whose config.json names its method.
+directory whose config.json names its method, optionally followed by `@MODE` for a method with several ways
+to manipulate (e.g. `runs/fader/default@residual`).
 """
 import importlib
 import json
@@ -23,11 +24,13 @@ def load_method(spec, store):
     if spec in BASELINES:
         from models import baselines
         return baselines.make(spec, store)
-    config = os.path.join(spec, "config.json")
+    run_dir, _, mode = spec.partition("@")
+    config = os.path.join(run_dir, "config.json")
     if not os.path.exists(config):
-        raise FileNotFoundError(f"{spec} is neither a baseline {BASELINES} nor a run directory with config.json")
+        raise FileNotFoundError(f"{run_dir} is neither a baseline {BASELINES} nor a run directory with config.json")
     with open(config) as f:
         method = json.load(f)["method"]
     if method not in RUN_METHODS:
         raise ValueError(f"{config}: unknown method {method!r}; known: {sorted(RUN_METHODS)}")
-    return importlib.import_module(RUN_METHODS[method]).from_run(spec)
+    module = importlib.import_module(RUN_METHODS[method])
+    return module.from_run(run_dir, mode=mode) if mode else module.from_run(run_dir)

@@ -93,6 +93,7 @@ class Fader(keras.Model):
         if size % 2 ** n_layers:
             raise ValueError(f"image size {size} is not divisible by 2^{n_layers} (--n-layers {n_layers})")
         self.schema = schema
+        self.mode = "decode"
         self.lambda_lat, self.lambda_clf, self.lambda_ramp_steps = lambda_lat, lambda_clf, lambda_ramp_steps
         w = widths(n_layers, n_filters, max_filters)
         self.encoder = encoder(size, w)
@@ -176,9 +177,15 @@ class Fader(keras.Model):
         return {name: t.result() for name, t in self.trackers.items()}
 
     def manipulate(self, images, source_attrs, target_attrs):
-        """D(E(images), encoded target): E has learnt to drop the source attributes, so they are not needed."""
-        y = self.schema.encode(target_attrs)
-        return np.asarray(self((np.asarray(images, np.float32), y), training=False))
+        """mode "decode" (the paper): D(E(x), y_target); E has learnt to drop the source attributes.
+        mode "residual": x + D(E(x), y_target) - D(E(x), y_source): only the decoder's change is added, so
+        what the autoencoder cannot reconstruct (noise, fine anatomy) is kept from the input."""
+        x = np.asarray(images, np.float32)
+        out = np.asarray(self((x, self.schema.encode(target_attrs)), training=False))
+        if self.mode == "decode":
+            return out
+        same = np.asarray(self((x, self.schema.encode(source_attrs)), training=False))
+        return np.clip(x + out - same, -1.0, 1.0)
 
 
 def architecture(args):
@@ -206,9 +213,16 @@ def compile_from_args(model, args):
     return model
 
 
-def from_run(run_dir):
-    """A trained run, ready for manipulate(): rebuilt from config.json, weights from the checkpoint."""
+MODES = ("decode", "residual")
+
+
+def from_run(run_dir, mode="decode"):
+    """A trained run, ready for manipulate() in `mode` (see Fader.manipulate): rebuilt from config.json,
+    weights from the checkpoint."""
+    if mode not in MODES:
+        raise ValueError(f"{run_dir}@{mode}: Fader's manipulate modes are {MODES}")
     config = training.load_config(run_dir)
     model = from_args(config["args"], Schema.from_json(json.dumps(config["schema"])))
     training.load_checkpoint(os.path.join(run_dir, training.CHECKPOINT), model)
+    model.mode = mode
     return model

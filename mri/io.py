@@ -1,4 +1,4 @@
-"""Small file helpers shared by every script: atomic writes, JSON."""
+"""Small helpers shared by every script: atomic writes, JSON, clean error exits."""
 import contextlib
 import json
 import os
@@ -34,3 +34,12 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+@contextlib.contextmanager
+def exit_on(*errors):
+    """Turn `errors` raised in the block into an exit with `error: <message>` (a KeyError's without quotes)."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from mri import grids
-from mri.io import atomic_path, read_json, write_json
+from mri.io import atomic_path, exit_on, read_json, write_json
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -65,15 +65,22 @@ def make_batches(args, n_samples=4):
     exits with a message naming the fix or the available attributes."""
     from mri.loader import Batches
     from mri.store import StoreError
-    try:
+    with exit_on(StoreError, KeyError, ValueError):
         train = Batches(args.store, "train", args.attrs, args.batch_size, args.seed, jitter=args.jitter)
-    except (StoreError, KeyError, ValueError) as e:
-        raise SystemExit(f"error: {e.args[0]}")
     try:
         val = Batches(train.store, "val", args.attrs, batch_size=n_samples, shuffle=False)
     except (StoreError, ValueError):
         val = None
     return train, val
+
+
+def start_run(args, method, growable=("epochs",)):
+    """The opening of every train_*.py: seed, batches (setting args.size from the store, so the run's
+    config.json records it), then the run directory. Returns (train batches, val batches or None, Run)."""
+    set_seed(args.seed)
+    batches, val = make_batches(args)
+    args.size = batches.store.size
+    return batches, val, Run(args.out, method, args, batches.schema, args.resume, growable)
 
 
 class Run:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny NIfTI cohorts written to a temporary folder."""
+"""Shared fixtures: tiny NIfTI cohorts written to a temporary folder, a tiny slice store built from one,
+and readers of a training run's checkpoint and log."""
 import csv
 import os
 import sys
@@ -108,3 +109,32 @@ def write_adni_cohort(folder, n_subjects=6, visits=("bl", "m12"), extra=True):
 @pytest.fixture
 def adni_cohort(tmp_path):
     return write_adni_cohort(str(tmp_path))
+
+
+def build_store(folder, attrs=("age", "dx", "sex")):
+    """A tiny slice store built in `folder` (9 subjects, 32x32, 4 slices a volume, split 0.6/0.2/0.2): its path."""
+    from mri import prep
+    img_dir, csv_path, _ = write_adni_cohort(folder, n_subjects=9, extra=False)
+    out = os.path.join(folder, "s.h5")
+    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=tuple(attrs), size=32, slices=4,
+                               workers=1, split=(0.6, 0.2, 0.2)), log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_path(tmp_path_factory):
+    """The tiny age/dx/sex store, built once and only read by the tests."""
+    return build_store(str(tmp_path_factory.mktemp("tiny_store")))
+
+
+def read_checkpoint(run_dir):
+    """A run's checkpoint arrays: {key: array}."""
+    from mri import training
+    with np.load(os.path.join(run_dir, training.CHECKPOINT)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_log(run_dir):
+    """A run's log.csv rows, as dicts of strings."""
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))

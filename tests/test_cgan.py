@@ -1,56 +1,34 @@
 """cGAN / IcGAN: both training phases, exact resume across them, save/load, every attribute kind at once
 (age continuous, dx categorical, sex binary), and the full-size architecture."""
-import csv
 import os
 
 import numpy as np
 import pytest
 
-from conftest import write_adni_cohort
-from mri import prep, training
+from conftest import read_checkpoint, read_log
 from mri.attributes import Attribute, Schema
 
 TINY = ["--attrs", "age,dx,sex", "--tiny", "--z-dim", "8", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("cgan_store"))
-    img_dir, csv_path, _ = write_adni_cohort(d, n_subjects=9, extra=False)
-    out = d + "/s.h5"
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx", "sex"),
-                               size=32, slices=4, workers=1, split=(0.6, 0.2, 0.2)))
-    return out
-
-
-def train(store, out, *flags):
+def train(store_path, out, *flags):
     import train_cgan
-    return train_cgan.main(["--store", store, "--out", str(out), *TINY, *flags])
-
-
-def log(out):
-    with open(os.path.join(out, "log.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def checkpoint(out):
-    with np.load(os.path.join(out, training.CHECKPOINT)) as z:
-        return {k: z[k] for k in z.files}
+    return train_cgan.main(["--store", store_path, "--out", str(out), *TINY, *flags])
 
 
 @pytest.fixture(scope="module")
-def straight(store, tmp_path_factory):
+def straight(store_path, tmp_path_factory):
     """2 GAN + 2 encoder steps in one go: (run dir, trained model)."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    return out, train(store, out, "--epochs", "2", "--encoder-epochs", "2")
+    return out, train(store_path, out, "--epochs", "2", "--encoder-epochs", "2")
 
 
 def attrs(n):
     return {"age": np.linspace(60, 85, n), "dx": np.arange(n) % 3, "sex": np.arange(n) % 2, "index": np.arange(n)}
 
 
-def check_run(out, model, store):
-    rows = log(out)
+def check_run(out, model, store_path):
+    rows = read_log(out)
     assert [float(r["phase"]) for r in rows] == [0, 0, 1, 1]
     for name, epochs in (("d_loss", (0, 1)), ("g_loss", (0, 1)), ("ez_loss", (2, 3)), ("ey_loss", (2, 3))):
         a, b = (float(rows[i][name]) for i in epochs)
@@ -59,7 +37,7 @@ def check_run(out, model, store):
     assert os.listdir(os.path.join(out, "tb", "samples")) and os.listdir(os.path.join(out, "tb", "train"))
     # save/load identity, through the method registry
     from models import load_method
-    loaded = load_method(str(out), store)
+    loaded = load_method(str(out), store_path)
     x = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 1)).astype(np.float32)
     a = model.manipulate(x, attrs(3), attrs(3))
     np.testing.assert_array_equal(a, loaded.manipulate(x, attrs(3), attrs(3)))
@@ -69,31 +47,31 @@ def check_run(out, model, store):
     assert sorted(loaded.attributes(x)) == ["age", "dx", "sex"]
 
 
-def test_both_phases_train_log_and_reload(straight, store):
-    check_run(*straight, store)
+def test_both_phases_train_log_and_reload(straight, store_path):
+    check_run(*straight, store_path)
 
 
-def test_laplacian_shape_input(store, tmp_path):
+def test_laplacian_shape_input(store_path, tmp_path):
     out = tmp_path / "run"
-    model = train(store, out, "--laplacian", "--epochs", "2", "--encoder-epochs", "2")
-    check_run(out, model, store)
+    model = train(store_path, out, "--laplacian", "--epochs", "2", "--encoder-epochs", "2")
+    check_run(out, model, store_path)
     # the Laplacian branch joins G at quarter size: 8x8 for 32x32 slices
     joins = [l for l in model.generator.layers if l.__class__.__name__ == "Concatenate" and len(l.output.shape) == 4]
     assert [tuple(l.output.shape[1:3]) for l in joins] == [(8, 8)]
 
 
-def test_exact_resume_across_the_phase_boundary(straight, store, tmp_path):
+def test_exact_resume_across_the_phase_boundary(straight, store_path, tmp_path):
     """2 GAN steps, then --resume with 2 encoder steps == 4 steps in one go (weights, optimizer and RNG states)."""
     out = tmp_path / "run"
-    train(store, out, "--epochs", "2", "--encoder-epochs", "0")
-    train(store, out, "--epochs", "2", "--encoder-epochs", "2", "--resume")
-    want, got = checkpoint(straight[0]), checkpoint(out)
+    train(store_path, out, "--epochs", "2", "--encoder-epochs", "0")
+    train(store_path, out, "--epochs", "2", "--encoder-epochs", "2", "--resume")
+    want, got = read_checkpoint(straight[0]), read_checkpoint(out)
     assert sorted(want) == sorted(got)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
-    assert [r["ey_loss"] for r in log(out)] == [r["ey_loss"] for r in log(straight[0])]
+    assert [r["ey_loss"] for r in read_log(out)] == [r["ey_loss"] for r in read_log(straight[0])]
     with pytest.raises(SystemExit, match="only before the encoder phase begins"):
-        train(store, out, "--epochs", "3", "--encoder-epochs", "2", "--resume")
+        train(store_path, out, "--epochs", "3", "--encoder-epochs", "2", "--resume")
 
 
 def schema(*names):

@@ -1,51 +1,33 @@
 """Fader Networks: tiny training runs through train_fader.main, exact resume, save/load, manipulate with every
 attribute kind at once (age continuous, dx categorical, sex binary), the lambda ramp, the classifier switch,
 and the full-size architecture (built, not trained)."""
-import csv
 import os
 
 import numpy as np
 import pytest
 
-from conftest import write_adni_cohort
-from mri import prep, training
+from conftest import read_checkpoint, read_log
 from mri.attributes import Attribute, Schema
 
 TINY = ["--attrs", "age,dx,sex", "--tiny", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "5",
         "--lambda-ramp-steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("fader_store"))
-    img_dir, csv_path, _ = write_adni_cohort(d, n_subjects=9, extra=False)
-    out = d + "/s.h5"
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx", "sex"),
-                               size=32, slices=4, workers=1, split=(0.6, 0.2, 0.2)))
-    return out
-
-
-def train(store, out, *flags):
+def train(store_path, out, *flags):
     import train_fader
-    return train_fader.main(["--store", store, "--out", str(out), *TINY, *flags])
-
-
-def checkpoint(out):
-    with np.load(os.path.join(out, training.CHECKPOINT)) as z:
-        return {k: z[k] for k in z.files}
+    return train_fader.main(["--store", store_path, "--out", str(out), *TINY, *flags])
 
 
 @pytest.fixture(scope="module")
-def run4(store, tmp_path_factory):
+def run4(store_path, tmp_path_factory):
     """4 iterations in one go: (run directory, the trained model)."""
     out = tmp_path_factory.mktemp("fader_run") / "four"
-    return str(out), train(store, out, "--epochs", "4").model
+    return str(out), train(store_path, out, "--epochs", "4").model
 
 
 def test_tiny_run_trains_with_finite_moving_losses(run4):
     out, model = run4
-    with open(os.path.join(out, "log.csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_log(out)
     assert len(rows) == 4
     for key in ("loss", "rec", "lat_dis", "lat_adv", "clf", "clf_adv"):
         values = [float(r[key]) for r in rows]
@@ -59,27 +41,26 @@ def test_tiny_run_trains_with_finite_moving_losses(run4):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb", events)))
 
 
-def test_resume_is_exact(store, run4, tmp_path):
+def test_resume_is_exact(store_path, run4, tmp_path):
     out = tmp_path / "two_plus_two"
-    train(store, out, "--epochs", "2")
+    train(store_path, out, "--epochs", "2")
     with pytest.raises(SystemExit, match="already holds a run"):
-        train(store, out, "--epochs", "4")
-    train(store, out, "--epochs", "4", "--resume")
-    a, b = checkpoint(run4[0]), checkpoint(out)
+        train(store_path, out, "--epochs", "4")
+    train(store_path, out, "--epochs", "4", "--resume")
+    a, b = read_checkpoint(run4[0]), read_checkpoint(out)
     assert a.keys() == b.keys() and any(k.startswith("clf/") for k in a)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
-    with open(os.path.join(out, "log.csv")) as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
+    assert [r["epoch"] for r in read_log(out)] == ["0", "1", "2", "3"]
 
 
-def test_from_run_gives_identical_outputs_and_manipulate_uses_every_kind(store, run4):
+def test_from_run_gives_identical_outputs_and_manipulate_uses_every_kind(store_path, run4):
     from models import fader, load_method
     from mri.store import SliceStore
     out, trained = run4
     loaded = load_method(out, None)
     assert isinstance(loaded, fader.Fader) and loaded.classifier is not None
-    s = SliceStore(store)
+    s = SliceStore(store_path)
     idx = s.indices("test")[:6]
     images = s.images(idx)[..., None]
     raw = dict(s.raw(idx), index=idx)   # the evaluator's extra key is ignored
@@ -89,12 +70,20 @@ def test_from_run_gives_identical_outputs_and_manipulate_uses_every_kind(store, 
         moved = loaded.manipulate(images, raw, dict(raw, **{name: other}))
         assert moved.shape == (6, 32, 32, 1) and moved.dtype == np.float32
         assert np.abs(moved).max() <= 1 and np.abs(moved - np.asarray(y)).max() > 1e-4, name
+    # residual mode: the input plus the decoder's change, so unchanged attributes give the input back
+    residual = load_method(out + "@residual", None)
+    np.testing.assert_allclose(residual.manipulate(images, raw, raw), images, atol=1e-6)
+    older = dict(raw, age=raw["age"] + 20)
+    change = loaded.manipulate(images, raw, older) - np.asarray(y)
+    np.testing.assert_allclose(residual.manipulate(images, raw, older), np.clip(images + change, -1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="manipulate modes"):
+        load_method(out + "@nonsense", None)
 
 
-def test_lambda_ramp_and_classifier_switch(store):
+def test_lambda_ramp_and_classifier_switch(store_path):
     from models import fader
     from mri.loader import Batches, dataset
-    schema = Batches(store, "train", ["age", "dx", "sex"], batch_size=4).schema
+    schema = Batches(store_path, "train", ["age", "dx", "sex"], batch_size=4).schema
     args = dict(size=32, tiny=True, n_layers=0, n_filters=16, max_filters=512, hidden=512, dropout=0.3,
                 lat_dropout=0.3, lambda_lat=1e-4, lambda_clf=0.0, lambda_ramp_steps=100, seed=0, lr=2e-4,
                 clip_grad_norm=5.0, jit="auto")
@@ -104,16 +93,16 @@ def test_lambda_ramp_and_classifier_switch(store):
     # --lambda-clf 0: no classifier is built, and none is trained
     assert model.classifier is None and set(model.optimizers) == {"ae", "lat_dis"}
     before = [w.numpy().copy() for w in model.trainable_weights]
-    history = model.fit(dataset(Batches(store, "train", ["age", "dx", "sex"], batch_size=4)), epochs=1,
+    history = model.fit(dataset(Batches(store_path, "train", ["age", "dx", "sex"], batch_size=4)), epochs=1,
                         steps_per_epoch=2, shuffle=False, verbose=0)
     assert "clf" not in history.history and np.isfinite(history.history["loss"]).all()
     changed = [not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
     assert all(changed) and int(model.step.numpy()) == 2
 
 
-def test_clear_errors(store, tmp_path):
+def test_clear_errors(store_path, tmp_path):
     with pytest.raises(SystemExit, match=r"\['apoe'\] not in the store; available: \['age', 'dx', 'sex'\]"):
-        train(store, tmp_path / "a", "--attrs", "age,apoe")
+        train(store_path, tmp_path / "a", "--attrs", "age,apoe")
     with pytest.raises(SystemExit, match="cannot open store .*data_prep.py"):
         train(str(tmp_path / "missing.h5"), tmp_path / "b")
 

@@ -6,21 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import write_adni_cohort
 from models import oracle
-from mri import prep
 from mri.io import write_json
 from mri.store import SliceStore
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("oracle_store"))
-    img_dir, csv_path, _ = write_adni_cohort(d, n_subjects=9, extra=False)
-    out = d + "/s.h5"
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx", "sex"),
-                               size=32, slices=4, workers=1, split=(0.6, 0.2, 0.2)), log=lambda *a: None)
-    return out
 
 
 @pytest.fixture(scope="module")

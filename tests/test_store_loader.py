@@ -5,18 +5,13 @@ import pytest
 from mri.attributes import Attribute, Schema
 from mri.loader import Batches, make_dataset
 from mri.store import SliceStore, StoreError
-from mri import prep
-from conftest import write_adni_cohort
+from conftest import build_store
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("store"))
-    img_dir, csv_path, _ = write_adni_cohort(d, n_subjects=9, extra=False)
-    out = d + "/s.h5"
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx", "sex", "adas13"),
-                               size=32, slices=4, workers=1, split=(0.6, 0.2, 0.2)))
-    return out
+    """Overrides conftest's store_path: the same tiny store, with adas13 as a fourth attribute."""
+    return build_store(str(tmp_path_factory.mktemp("store")), attrs=("age", "dx", "sex", "adas13"))
 
 
 def schema():
