@@ -191,13 +191,12 @@ class SampleGrids:
     """Each epoch: an attribute-sweep grid of fixed validation images, as PNG and as a TensorBoard image."""
 
     def __init__(self, run, batches, n=4):
-        import keras
         self.run = run
         x, y = batches.batch(0)
         self.images, self.raw = x[:n], batches.schema.decode(y[:n])
         self.schema = batches.schema
         self.events = Events(os.path.join(run.out, "tb", "samples"))
-        self.callback = _make_callback(keras, self)
+        self.callback = _on_epoch_end(lambda model, epoch, logs: self(model, epoch))
 
     def __call__(self, model, epoch):
         grid = sweep_grid(model.manipulate, self.images, self.raw, self.schema)
@@ -205,26 +204,13 @@ class SampleGrids:
         self.events.write(epoch + 1, images={"attribute_sweep": grid})
 
 
-def _make_callback(keras, sample):
-    class _Cb(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            sample(self.model, epoch)
-    return _Cb()
-
-
-def _scalars_callback(keras, logdir):
-    events = Events(logdir)
+def _on_epoch_end(fn):
+    """A Keras callback calling fn(model, epoch, logs) at each epoch end."""
+    import keras
 
     class _Cb(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            events.write(epoch + 1, scalars=logs)
-    return _Cb()
-
-
-def _checkpoint_callback(keras, path):
-    class _Cb(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            save_checkpoint(path, self.model, self.model.optimizers)
+            fn(self.model, epoch, logs)
     return _Cb()
 
 
@@ -243,11 +229,12 @@ def fit(model, batches, run, args, val_batches=None, epochs=None, callbacks=()):
         if start_epoch >= epochs:
             print(f"{run.out}: already trained for {start_epoch} of {epochs} epochs; nothing to do")
             return None
+    scalars = Events(os.path.join(run.out, "tb", "train"))
     callbacks = [
         *callbacks,
-        _checkpoint_callback(keras, run.checkpoint),
+        _on_epoch_end(lambda model, epoch, logs: save_checkpoint(run.checkpoint, model, model.optimizers)),
         keras.callbacks.CSVLogger(os.path.join(run.out, "log.csv"), append=bool(args.resume)),
-        _scalars_callback(keras, os.path.join(run.out, "tb", "train")),
+        _on_epoch_end(lambda model, epoch, logs: scalars.write(epoch + 1, scalars=logs)),
         SampleGrids(run, val_batches or batches).callback,
     ]
     return model.fit(dataset(batches, start_step=start_epoch * steps), epochs=epochs,
