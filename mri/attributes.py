@@ -128,6 +128,19 @@ class Schema:
                 z[:, s] = (z[:, s] > 0).astype(np.float32)
         return self.decode(z)
 
+    def probability(self, logits, name, values):
+        """The probability model logits (N, width) give to the raw values (N,) of binary or categorical
+        attribute `name` (sigmoid / softmax), e.g. an oracle's belief in a requested diagnosis."""
+        a, z = self[name], np.asarray(logits, np.float64)[:, self.slices[name]]
+        v = np.asarray(values, np.int64)
+        if a.kind == "continuous":
+            raise ValueError(f"attribute {name!r} is continuous: it has no class probabilities")
+        if a.kind == "binary":
+            p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            return np.where(v == 1, p1, 1.0 - p1)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z[np.arange(len(v)), v] / z.sum(axis=1)
+
     # --- losses (keras ops, usable inside train_step) -------------------------------------------
     def losses(self, y_true, y_pred):
         """Per-attribute mean losses: MSE (continuous), BCE on logits (binary), softmax CE (categorical)."""

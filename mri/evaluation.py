@@ -5,8 +5,10 @@ method (`change_for`): age by +10 or -10 years (random sign, kept in 55..95), a 
 other class, a binary one to the other value, another continuous one by +-1 train std. Each method's
 manipulated images are then scored by `evaluate`:
 
-- effectiveness: the oracle's prediction vs the target (accuracy, or MAE in raw units), and for continuous
-  attributes the oracle's shift towards the target (predicted change signed by the requested direction);
+- effectiveness: the oracle's prediction vs the target (accuracy, or MAE in raw units), and its shift towards
+  the target: for continuous attributes the predicted change signed by the requested direction, for binary and
+  categorical ones the gain in the oracle's probability of the target class (less noisy than accuracy when the
+  oracle is unsure);
 - identity / minimality: MSE and SSIM against the source; reconstruction MSE at unchanged attributes;
 - composition: the unchanged-attribute manipulation applied 5 times, mean L1 drift from the source;
 - reversibility: source -> target -> source, mean L1 to the source;
@@ -212,15 +214,18 @@ def _mean(parts):
     return float(v.mean()) if v.size else None
 
 
-def _score(change, x, y, back, source, target, pred_src, pred, truth=None):
+def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=None):
     """Per-pair arrays of one batch: sources x, manipulated y, and y manipulated back to the source;
+    oracle_* = (prediction in raw units, probability of the target class or None) of x and of y;
     truth = (true images, regions of interest, indices, GroundTruth) on synthetic stores."""
+    (pred_src, p_src), (pred, p) = oracle_src, oracle_out
     out = {"mse": mse(y, x), "ssim": ssim(y, x), "reversibility_l1": l1(back, x)}
     if change.kind == "continuous":
         out["mae"] = np.abs(pred - target)
         out["oracle_shift"] = (pred - pred_src) * np.sign(target - source)
     else:
         out["accuracy"] = (pred == target).astype(np.float64)
+        out["target_prob_shift"] = p - p_src
     if truth is not None:
         images, roi, idx, gt = truth
         out["gt_mse"], out["gt_ssim"] = mse(y[..., 0], images), ssim(y, images)
@@ -245,16 +250,20 @@ def score_change(store, oracle, methods, change, src, tgt, ref, gt, batch_size):
         s_raw = dict(store.raw(idx), index=idx)
         t_raw = dict(s_raw, **{change.name: t})
         truth = (*gt.target(idx, t_raw), idx, gt) if gt else None
-        f_src, logits = oracle.outputs(x, batch_size)
-        pred_src = oracle.schema.decode_logits(logits)[change.name]
-        outputs = {FLOOR: (x, x, f_src, pred_src)}
+
+        def judge(images):
+            f, logits = oracle.outputs(images, batch_size)
+            p = None if change.kind == "continuous" else oracle.schema.probability(logits, change.name, t)
+            return f, (oracle.schema.decode_logits(logits)[change.name], p)
+
+        f_src, oracle_src = judge(x)
+        outputs = {FLOOR: (x, x, f_src, oracle_src)}
         for m, method in methods.items():
             y = np.asarray(method.manipulate(x, s_raw, t_raw), np.float32).reshape(x.shape)
             back = np.asarray(method.manipulate(y, t_raw, s_raw), np.float32).reshape(x.shape)
-            f, logits = oracle.outputs(y, batch_size)
-            outputs[m] = (y, back, f, oracle.schema.decode_logits(logits)[change.name])
-        for m, (y, back, f, pred) in outputs.items():
-            for k, v in _score(change, x, y, back, s_raw[change.name], t, pred_src, pred, truth).items():
+            outputs[m] = (y, back, *judge(y))
+        for m, (y, back, f, oracle_out) in outputs.items():
+            for k, v in _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth).items():
                 parts[m].setdefault(k, []).append(v)
             feats[m].append(f)
     has_ref = ref >= 0
@@ -412,7 +421,8 @@ def report_markdown(metrics, title="Evaluation"):
     lines = [f"# {title}", "",
              f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices (seed {m['seed']}).",
              "Effectiveness is the oracle's prediction on the manipulated slice vs the target (MAE in the "
-             "attribute's raw units, e.g. years; oracle shift = predicted change in the requested direction). "
+             "attribute's raw units, e.g. years; oracle shift = predicted change in the requested direction; "
+             "target prob. shift = gain in the oracle's probability of the target class). "
              "MSE/SSIM and reversibility L1 compare with the source; FD = Fréchet distance of oracle features to "
              "real test slices with the target attributes (pairs with such a slice in brackets)."]
     if m["synthetic"]:
@@ -423,6 +433,7 @@ def report_markdown(metrics, title="Evaluation"):
         effect = "accuracy ↑" if "accuracy" in floor else "MAE ↓"
         cols = [(effect, "accuracy" if "accuracy" in floor else "mae")]
         cols += [("oracle shift ↑", "oracle_shift")] if "oracle_shift" in floor else []
+        cols += [("target prob. shift ↑", "target_prob_shift")] if "target_prob_shift" in floor else []
         cols += [("MSE ↓", "mse"), ("SSIM ↑", "ssim"), ("reversibility L1 ↓", "reversibility_l1"), ("FD ↓", "fd")]
         if "gt_mse" in floor:
             cols += [("GT MSE ↓", "gt_mse"), ("GT SSIM ↑", "gt_ssim")]

@@ -182,6 +182,7 @@ def test_identity_equals_the_floor_and_truth_has_no_ground_truth_error(planted):
         ident = m["methods"]["identity"][attr]
         assert ident == m["floor"][attr]
         assert ident["mse"] == 0 and ident["ssim"] == 1 and ident["reversibility_l1"] == 0
+        assert ident.get("target_prob_shift", 0) == 0 and ident.get("oracle_shift", 0) == 0
         truth = m["methods"]["truth"][attr]
         assert truth["gt_mse"] == 0 and truth["gt_ssim"] == pytest.approx(1.0, abs=1e-12)
         assert truth["ventricles_change_error_mm2"] == 0 and truth["hippocampus_change_error_mm2"] == 0

@@ -36,6 +36,15 @@ def test_encode_decode_round_trip_and_json():
         s.select(["apoe"])
 
 
+def test_class_probabilities_of_logits():
+    s = schema()
+    logits = np.array([[0.3, 0.0, 0.0, np.log(2), 0.0], [0.3, np.log(3), 5.0, 5.0, 5.0]])
+    np.testing.assert_allclose(s.probability(logits, "sex", [0, 1]), [0.5, 0.75])
+    np.testing.assert_allclose(s.probability(logits, "dx", [1, 2]), [0.5, 1 / 3])
+    with pytest.raises(ValueError, match="continuous"):
+        s.probability(logits, "age", [0, 0])
+
+
 def test_losses_per_kind_and_flip():
     import keras
     s = schema()
