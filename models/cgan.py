@@ -16,8 +16,6 @@ Widths follow DCGAN: `filters` maps at half the image size, doubling at each hal
 - E_z, E_y: D's convolution stack without the condition, then a linear layer to z or to y's logits.
 Training has two phases, recorded in the non-trainable `phase` variable: 0 the GAN, 1 the encoders.
 """
-import json
-import os
 
 import keras
 import numpy as np
@@ -26,7 +24,6 @@ from keras import layers, ops
 
 from models.layers import batch_norm, down, laplacian as laplacian_of, tile, up
 from mri import training
-from mri.attributes import Schema
 
 TINY_FILTERS = 8   # --tiny: feature maps at half size (8..64 at 32x32)
 
@@ -243,7 +240,4 @@ def compile_from_args(model, args):
 
 def from_run(run_dir):
     """A trained run, ready for manipulate(): rebuilt from config.json, weights from the checkpoint."""
-    config = training.load_config(run_dir)
-    model = from_args(config["args"], Schema.from_json(json.dumps(config["schema"])))
-    training.load_checkpoint(os.path.join(run_dir, training.CHECKPOINT), model)
-    return model
+    return training.load_run(run_dir, from_args)

@@ -20,8 +20,6 @@ y~ = schema.flip(y): 1 - y, another class, or a draw from the train distribution
                                                                                be classified as y~
 lam(t) = lam * min(t / lambda_ramp_steps, 1), t the iteration (the paper ramps lam_lat over 500k iterations).
 """
-import json
-import os
 
 import keras
 import numpy as np
@@ -30,7 +28,6 @@ from keras import layers, ops
 
 from models.layers import FusedAdam, batch_norm, down, up, with_condition
 from mri import training
-from mri.attributes import Schema
 
 # --tiny: the smallest architecture (a 32x32 store gives a 4x4x32 latent)
 TINY = dict(n_layers=3, n_filters=8, max_filters=32, hidden=32)
@@ -221,8 +218,6 @@ def from_run(run_dir, mode="decode"):
     weights from the checkpoint."""
     if mode not in MODES:
         raise ValueError(f"{run_dir}@{mode}: Fader's manipulate modes are {MODES}")
-    config = training.load_config(run_dir)
-    model = from_args(config["args"], Schema.from_json(json.dumps(config["schema"])))
-    training.load_checkpoint(os.path.join(run_dir, training.CHECKPOINT), model)
+    model = training.load_run(run_dir, from_args)
     model.mode = mode
     return model

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from mri import grids
+from mri.attributes import Schema
 from mri.io import atomic_path, exit_on, read_json, write_json
 
 CHECKPOINT = "checkpoint.npz"
@@ -114,6 +115,15 @@ def load_config(run_dir):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} has no config.json: not a run directory")
     return read_json(path)
+
+
+def load_run(run_dir, from_args):
+    """The trained model of a run directory, for inference: `from_args(config args, schema)` rebuilds it from
+    config.json, then the checkpoint's weights are loaded."""
+    config = load_config(run_dir)
+    model = from_args(config["args"], Schema.from_json(json.dumps(config["schema"])))
+    load_checkpoint(os.path.join(run_dir, CHECKPOINT), model)
+    return model
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
