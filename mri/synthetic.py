@@ -638,13 +638,26 @@ def counterfactual(store, indices, age=None, dx=None, masks=False):
     attribute) are (N,) arrays or None (keep the slice's own).
 
     Returns {"images": (N, S, S) float32 in [-1, 1], "brain"/"ventricles"/"hippocampus": (N,) true areas in
-    mm^2 from the structure masks} and, with masks=True, "masks": {structure: (N, S, S) float32 fractions}."""
+    mm^2 from the structure masks} and, with masks=True, "masks": {structure: (N, S, S) float32 fractions}.
+    The arrays are read-only: the store keeps the last result, because evaluate.py asks for the same
+    counterfactual several times in a row (ground truth, then the `truth` method; repeated unchanged calls)."""
+    idx = np.asarray(indices)
+    key = tuple(None if a is None else np.asarray(a, np.float64).tobytes() for a in (idx, age, dx))
+    last = getattr(store, "_last_counterfactual", None)
+    if last is None or last[0] != key or (masks and "masks" not in last[1]):
+        out = _render_counterfactual(store, idx, age, dx, masks)
+        for a in [out["images"], *(out[s] for s in STRUCTURES), *out.get("masks", {}).values()]:
+            a.setflags(write=False)
+        store._last_counterfactual = last = (key, out)
+    return {k: v for k, v in last[1].items() if masks or k != "masks"}
+
+
+def _render_counterfactual(store, idx, age, dx, masks):
     from mri.preprocess import apply_plan, intensity_scale, normalise
     missing = [c for c in TRUTH_COLUMNS if f"csv/{c}" not in store.file]
     if missing:
         raise ValueError(f"{store.path} has no ground truth (csv/{missing[0]} missing): only stores built with "
                          "`data_prep.py --synthetic N` can be re-rendered")
-    idx = np.asarray(indices)
     n, size = len(idx), store.size
     if not hasattr(store, "_truth_columns"):
         store._truth_columns = {c: store.csv(c) for c in TRUTH_COLUMNS}

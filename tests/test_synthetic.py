@@ -164,5 +164,7 @@ def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
         assert older["hippocampus"].sum() < own["hippocampus"].sum()
         assert older["brain"].sum() < own["brain"].sum()
         assert older["masks"]["ventricles"].shape == (len(idx), 32, 32)
+        again = syn.counterfactual(st, idx, age=st.attrs["age"][idx] + 10)   # served from the last result
+        assert "masks" not in again and again["images"] is older["images"] and not again["images"].flags.writeable
         demented = syn.counterfactual(st, idx, dx=np.full(len(idx), 2))
         assert demented["hippocampus"].sum() < own["hippocampus"].sum()
