@@ -112,8 +112,8 @@ def _stage_years(tau):
 def log_change(structure, age, tau):
     """log(volume / volume at age 50 without disease) of 'hippocampus', 'brain' or 'ventricles'."""
     r = {dx: math.log1p(p) for dx, p in ANNUAL_CHANGE[structure].items()}
-    t_mci, t_ad = _stage_years(tau)
-    return r["CN"] * max(age - REF_AGE, 0.0) + (r["MCI"] - r["CN"]) * t_mci + (r["Dementia"] - r["CN"]) * t_ad
+    t_fast, t_ad = _stage_years(tau)
+    return r["CN"] * max(age - REF_AGE, 0.0) + (r["MCI"] - r["CN"]) * t_fast + (r["Dementia"] - r["CN"]) * t_ad
 
 
 def disease_clock(tau, age, target_age, target_dx):

@@ -70,6 +70,22 @@ def test_disease_accelerates_atrophy_at_the_same_age():
     assert ad["ventricles"] > cn["ventricles"]
 
 
+def test_preclinical_phase_gives_literature_sized_diagnosis_differences():
+    def rate(tau, structure="hippocampus"):
+        return math.expm1(syn.log_change(structure, 71.0, tau + 1) - syn.log_change(structure, 70.0, tau))
+    assert syn.stage(-3.0) == "CN" and rate(-3.0) == pytest.approx(syn.ANNUAL_CHANGE["hippocampus"]["MCI"])
+    assert rate(-syn.T_PRE - 2.0) == pytest.approx(syn.ANNUAL_CHANGE["hippocampus"]["CN"])
+    deficit = {}   # cross-sectional, against the same scan without disease (Shi et al. 2009: ~13 % MCI, ~24 % AD)
+    for row in syn.make_cohort(300, seed=2):
+        age, tau = row["AGE"] + row["Years_bl"], syn.tau_of(row)
+        for s in ("hippocampus", "ventricles"):
+            change = math.expm1(syn.log_change(s, age, tau) - syn.log_change(s, age, -math.inf))
+            deficit.setdefault((s, row["DX"]), []).append(change)
+    mean = {k: float(np.mean(v)) for k, v in deficit.items()}
+    assert -0.16 < mean["hippocampus", "MCI"] < -0.09 and -0.27 < mean["hippocampus", "Dementia"] < -0.18
+    assert mean["ventricles", "Dementia"] > mean["ventricles", "MCI"] > 0.08 > mean["ventricles", "CN"] >= 0
+
+
 def test_subjects_differ_more_than_visits():
     a70, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=1)
     a72, _ = syn.render(SEED, 72.0, -math.inf, noise_seed=2)
