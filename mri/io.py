@@ -1,5 +1,6 @@
 """Small helpers shared by every script: atomic writes, JSON, clean error exits."""
 import contextlib
+import glob
 import json
 import os
 
@@ -16,6 +17,32 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Remove the `<path>.tmp-<pid>` files that atomic_path left behind in processes that no longer run (a
+    run killed with -9); those of the current process and of any live process are kept. Returns the removed paths."""
+    removed = []
+    for tmp in sorted(glob.glob(glob.escape(os.fspath(path)) + ".tmp-*")):
+        pid = tmp.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or not os.path.isfile(tmp):
+            continue
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:  # another run removed it first
+            continue
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no valid pid: keep its file
+        pass
+    return True
 
 
 def write_json(path, obj):

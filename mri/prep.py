@@ -2,7 +2,8 @@
 
 Each processed volume is saved as a small part file in `<out>.parts/` (written atomically), so a run that
 is killed and started again with the same arguments skips finished volumes. The store is assembled from
-the parts at the end, to a temporary file renamed onto `<out>`, and the parts are then removed.
+the parts at the end, to a temporary file renamed onto `<out>`, and the parts are then removed. Temporary
+stores `<out>.tmp-<pid>` left by killed runs (processes no longer running) are removed at the start and the end.
 """
 import copy
 import hashlib
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from mri import cohorts
 from mri.attributes import Attribute, Schema
-from mri.io import atomic_path, read_json, write_json
+from mri.io import atomic_path, read_json, remove_stale_temporaries, write_json
 from mri.preprocess import BadVolume, process_file
 from mri.store import assign_splits, write_store
 
@@ -49,6 +50,7 @@ class Summary:
     skipped: list = field(default_factory=list)     # (path, reason)
     unmatched: list = field(default_factory=list)   # volumes with no CSV row
     orphans: list = field(default_factory=list)     # CSV rows with no volume
+    stale: list = field(default_factory=list)       # temporary stores of killed runs, removed
     resumed: int = 0
     volumes: int = 0
 
@@ -56,7 +58,8 @@ class Summary:
         out = [f"volumes stored: {self.volumes} (resumed from a previous run: {self.resumed})"]
         for title, items in (("skipped", [f"{p}: {r}" for p, r in self.skipped]),
                              ("volumes with no CSV row", self.unmatched),
-                             ("CSV rows with no volume", [str(k) for k in self.orphans])):
+                             ("CSV rows with no volume", [str(k) for k in self.orphans]),
+                             ("removed temporary stores of killed runs", self.stale)):
             if items:
                 out.append(f"{title}: {len(items)}")
                 out += [f"  {x}" for x in items[:limit]] + ([f"  ... and {len(items) - limit} more"] if len(items) > limit else [])
@@ -119,7 +122,7 @@ def build(cfg, log=print):
         raise cohorts.CohortError(f"no .nii, .nii.gz or .img volumes under {cfg.images}")
     pairs, unmatched, orphans = cohorts.join(volumes, rows, preset)
     cohorts.check_labels(pairs, preset, attr_names, cfg.csv)
-    summary = Summary(unmatched=unmatched, orphans=orphans)
+    summary = Summary(unmatched=unmatched, orphans=orphans, stale=remove_stale_temporaries(cfg.out))
 
     # attribute values first: a missing value skips the volume before any image work
     metas = []
@@ -175,6 +178,7 @@ def build(cfg, log=print):
     write_store(cfg.out, [m for m, _ in kept], lambda i: _load_part(kept[i][1]), schema, cfg.size,
                 provenance, cfg.keep_columns)
     shutil.rmtree(parts_dir)
+    summary.stale += remove_stale_temporaries(cfg.out)
     return summary
 
 

@@ -120,10 +120,14 @@ def disease_clock(tau, age, target_age, target_dx):
     """Clock of the same subject seen at `target_age` with diagnosis `target_dx`.
 
     The clock runs on with age, then is moved into the target stage if it is not there already:
-    CN -> -inf (no disease), MCI -> [0.5, T_MCI - 0.5], Dementia -> >= T_MCI + 0.5. A subject's own
-    (age, dx) therefore returns its own tau.
+    MCI -> [0.5, T_MCI - 0.5], Dementia -> >= T_MCI + 0.5; CN -> -inf (no disease) for a subject whose own
+    clock is MCI or Dementia, while a CN subject on its way to MCI (finite tau < 0) stays CN by stopping its
+    clock 0.5 years before MCI onset (or at its own clock if that is later), so it keeps the preclinical
+    atrophy it already has and its CN aging stays monotone. A subject's own (age, dx) returns its own tau.
     """
     t = tau + (target_age - age)
+    if target_dx == "CN" and -math.inf < tau < 0:
+        return min(t, max(tau, -0.5))
     if stage(t) == target_dx:
         return t
     if target_dx == "CN":

@@ -163,6 +163,39 @@ def test_resume_after_kill_reuses_finished_volumes(tmp_path):
         np.testing.assert_array_equal(a.images(np.arange(len(a))), b.images(np.arange(len(b))))
 
 
+def dead_pid():
+    """The id of a process that has ended (and been reaped)."""
+    while True:
+        p = subprocess.Popen([sys.executable, "-c", ""])
+        p.wait()
+        try:
+            os.kill(p.pid, 0)
+        except ProcessLookupError:
+            return p.pid
+
+
+def test_stale_temporary_stores_of_killed_runs_are_removed(tmp_path):
+    from mri.io import remove_stale_temporaries
+    img_dir, csv_path, _ = write_adni_cohort(str(tmp_path), n_subjects=2, extra=False)
+    out = str(tmp_path / "s.h5")
+    stale, live, other = f"{out}.tmp-{dead_pid()}", f"{out}.tmp-{os.getppid()}", f"{out}.tmp-notes"
+    os.makedirs(out + ".parts")
+    part_tmp = os.path.join(out + ".parts", f"x.npz.tmp-{dead_pid()}")  # a worker killed mid-write
+    other_store = str(tmp_path / f"t.h5.tmp-{dead_pid()}")
+    for path in (stale, live, other, part_tmp, other_store):
+        open(path, "wb").write(b"half a store")
+    summary = prep.build(config(img_dir, csv_path, out), log=lambda *a: None)
+    assert summary.stale == [stale] and "removed temporary stores of killed runs: 1" in summary.lines()
+    assert not os.path.exists(stale) and not os.path.exists(out + ".parts")  # parts folder removed, as documented
+    assert os.path.exists(live) and os.path.exists(other)  # a live process's, and no process id at all
+    assert os.path.exists(other_store)  # another output's
+    with SliceStore(out) as s:
+        assert len(s) == summary.volumes * 8 == 32
+    own = f"{out}.tmp-{os.getpid()}"
+    open(own, "wb").close()
+    assert remove_stale_temporaries(out) == [] and os.path.exists(own)
+
+
 def test_cli_reports_csv_errors_without_traceback(tmp_path):
     img_dir, csv_path, _ = write_adni_cohort(str(tmp_path), n_subjects=2, extra=False)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data_prep.py"), "--images", img_dir, "--csv", csv_path,

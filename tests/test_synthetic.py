@@ -110,13 +110,38 @@ def test_disease_clock():
         tau, age = syn.tau_of(row), row["AGE"] + row["Years_bl"]
         assert syn.disease_clock(tau, age, age, row["DX"]) == tau
         assert syn.stage(tau) == row["DX"]
-    assert syn.disease_clock(2.0, 70, 70, "CN") == -math.inf
+    assert syn.disease_clock(2.0, 70, 70, "CN") == -math.inf  # diseased, asked for CN: no disease
+    assert syn.disease_clock(9.0, 70, 80, "CN") == -math.inf
+    assert syn.disease_clock(-math.inf, 70, 90, "CN") == -math.inf
     assert syn.disease_clock(-3.0, 70, 71, "CN") == -2.0  # still before onset: unchanged
+    assert syn.disease_clock(-3.0, 70, 60, "CN") == -13.0
+    # a CN subject on its way to MCI, kept CN past its onset, stays preclinical: 0.5 years before onset ...
+    assert syn.disease_clock(-3.0, 70, 75, "CN") == -0.5
+    assert syn.disease_clock(-8.0, 70, 90, "CN") == -0.5
+    # ... or at its own clock if that is closer to onset (its own age keeps its own tau)
+    assert syn.disease_clock(-0.3, 70, 70, "CN") == -0.3
+    assert syn.disease_clock(-0.3, 70, 75, "CN") == -0.3
+    assert syn.disease_clock(-0.3, 70, 69, "CN") == pytest.approx(-1.3)
+    assert syn.disease_clock(-3.0, 70, 70, "MCI") == 0.5
     assert syn.disease_clock(-math.inf, 70, 75, "MCI") == 0.5
     assert syn.disease_clock(9.0, 70, 70, "MCI") == syn.T_MCI - 0.5
     assert syn.disease_clock(1.0, 70, 72, "MCI") == 3.0  # clock runs on inside the stage
     assert syn.disease_clock(1.0, 70, 70, "Dementia") == syn.T_MCI + 0.5
     assert syn.disease_clock(5.0, 70, 80, "Dementia") == 15.0
+
+
+@pytest.mark.parametrize("tau", [-9.0, -3.0, -0.3])
+def test_cn_aging_of_a_preclinical_subject_is_monotone(tau):
+    """Kept CN at older and older ages, a subject on its way to MCI never regains lost volume."""
+    ages = np.arange(60.0, 95.01, 0.25)
+    clocks = [syn.disease_clock(tau, 70.0, a, "CN") for a in ages]
+    for structure, sign in (("hippocampus", -1), ("brain", -1), ("ventricles", 1)):
+        step = sign * np.diff([syn.log_change(structure, a, t) for a, t in zip(ages, clocks)])
+        assert (step >= 0).all(), f"{structure} recovers at ages {ages[1:][step < 0]}"
+    assert all(syn.stage(t) == "CN" and t > -math.inf for t in clocks)
+    # the preclinical atrophy it already had is kept: no older age looks healthier than its own
+    own = syn.log_change("hippocampus", 70.0, tau)
+    assert all(syn.log_change("hippocampus", a, t) <= own for a, t in zip(ages, clocks) if a >= 70)
 
 
 def test_write_cohort_matches_render_row(tmp_path):
