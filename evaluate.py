@@ -16,25 +16,33 @@ from mri.store import SliceStore, StoreError
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="HDF5 slice store (its test split is evaluated)")
-    p.add_argument("--oracle", required=True, help="run directory of train_oracle.py")
+    p.add_argument("--oracle", required=True,
+                   help="run directory of train_oracle.py; it may be trained on another store with the same "
+                        "attributes and image size (recommended: one that shares no subjects with the methods)")
+    p.add_argument("--attrs", default="",
+                   help="comma-separated attributes to change and score (default: all the oracle predicts); "
+                        "meandiff is fitted on them")
     p.add_argument("--methods", default="identity,meandiff",
                    help="comma-separated baselines (identity, meandiff, truth) and run directories")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--n", type=int, default=512, help="test slices sampled")
     p.add_argument("--subjects", type=int, default=4, help="test subjects (rows) in the trajectory figures")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seeds the sample, the changes and the figures' subjects")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples of test subjects for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the sample, the changes, the bootstrap and the figures' subjects")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    if not args.methods or args.n < 2:
-        p.error("give at least one method in --methods and --n >= 2")
+    args.attrs = [a for a in args.attrs.split(",") if a]
+    if not args.methods or args.n < 2 or args.bootstrap < 100:
+        p.error("give at least one method in --methods, --n >= 2 and --bootstrap >= 100")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     import keras
-    from models import load_method
+    from models import check_independent, load_method
     from models.baselines import make
     from models.oracle import load_oracle
     from mri import evaluation
@@ -42,11 +50,15 @@ def main(argv=None):
     with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
         store = SliceStore(args.store)
         oracle = load_oracle(args.oracle)
-        methods = {spec: load_method(spec, store) for spec in args.methods}
+        attrs = args.attrs or oracle.schema.names
+        evaluation.check_oracle(store, oracle, attrs)
+        for spec in args.methods:
+            check_independent(spec, args.oracle)
+        methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
         truth = make("truth", store) if evaluation.is_synthetic(store) else None
-        metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size)
+        metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size, attrs, args.bootstrap)
     metrics["oracle"] = args.oracle
-    changes = [evaluation.change_for(a) for a in oracle.schema.attributes]
+    changes = [evaluation.change_for(store.schema[a]) for a in attrs]
     metrics["figures"] = evaluation.draw_trajectories(store, methods, changes, args.out, args.seed, args.subjects, truth)
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:

@@ -18,18 +18,46 @@ import os
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
 RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan"}
+# config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
+# feature network): such a run must not be the evaluation oracle
+AUXILIARY_ARGS = ("regressor", "features")
 
 
-def load_method(spec, store):
-    if spec in BASELINES:
-        from models import baselines
-        return baselines.make(spec, store)
-    run_dir, _, mode = spec.partition("@")
+def _config(spec):
+    run_dir = spec.partition("@")[0]
     config = os.path.join(run_dir, "config.json")
     if not os.path.exists(config):
         raise FileNotFoundError(f"{run_dir} is neither a baseline {BASELINES} nor a run directory with config.json")
     with open(config) as f:
-        method = json.load(f)["method"]
+        return config, json.load(f)
+
+
+def auxiliary_runs(spec):
+    """{argument: run directory} of the helper networks a method's run was trained with (none for baselines)."""
+    if spec in BASELINES:
+        return {}
+    config, c = _config(spec)
+    args = c.get("args", {})
+    return {k: args[k] for k in AUXILIARY_ARGS if isinstance(args.get(k), str) and os.path.isdir(args[k])}
+
+
+def check_independent(spec, oracle_dir):
+    """No method may be judged by its own helper: refuse a run whose auxiliary network is the oracle's run."""
+    for arg, run in auxiliary_runs(spec).items():
+        if os.path.realpath(run) == os.path.realpath(oracle_dir):
+            raise ValueError(f"{spec} was trained with --{arg} {run}, which is the evaluation oracle {oracle_dir}: "
+                             "a method cannot be scored by its own helper network; evaluate it with an oracle "
+                             "trained separately (another run of train_oracle.py, ideally on another store)")
+
+
+def load_method(spec, store, attrs=None):
+    """A method ready to manipulate images of `store`; `attrs` are the evaluated attributes (meandiff's fit)."""
+    if spec in BASELINES:
+        from models import baselines
+        return baselines.make(spec, store, attrs=attrs)
+    run_dir, _, mode = spec.partition("@")
+    config, c = _config(spec)
+    method = c["method"]
     if method not in RUN_METHODS:
         raise ValueError(f"{config}: unknown method {method!r}; known: {sorted(RUN_METHODS)}")
     module = importlib.import_module(RUN_METHODS[method])

@@ -8,17 +8,23 @@
 """
 import numpy as np
 
-from mri.evaluation import is_synthetic
+from mri.evaluation import FLOOR_BY_CONSTRUCTION, is_synthetic
 
 NAMES = ("identity", "meandiff", "truth")
 
 
-def make(name, store):
-    """A baseline by name, ready to `manipulate` images of `store`."""
+UNCHANGED_METRICS = ("reconstruction_mse", "composition_l1")
+GROUND_TRUTH_METRICS = ("gt_mse", "gt_ssim", "gt_mse_brain", "gt_ssim_brain", "ventricles_change_bias_mm2",
+                        "ventricles_change_error_mm2", "hippocampus_change_bias_mm2", "hippocampus_change_error_mm2")
+
+
+def make(name, store, attrs=None):
+    """A baseline by name, ready to `manipulate` images of `store`; meandiff is fitted on `attrs` (default:
+    every store attribute), which should be the attributes the evaluation changes."""
     if name == "identity":
         return Identity()
     if name == "meandiff":
-        return MeanDiff.fit(store)
+        return MeanDiff.fit(store, attrs=attrs)
     if name == "truth":
         return Truth(store)
     raise ValueError(f"unknown baseline {name!r}; choose one of {NAMES}")
@@ -31,6 +37,7 @@ def _index(source_attrs, target_attrs):
 
 class Identity:
     """Returns the input unchanged."""
+    by_construction = FLOOR_BY_CONSTRUCTION
 
     def manipulate(self, images, source_attrs, target_attrs):
         return np.asarray(images, np.float32)
@@ -47,24 +54,32 @@ def design(schema, raw):
 class MeanDiff:
     """y(pixel) = b0 + x . b per slice position (least squares with intercept, a tiny ridge on b so a class
     absent at some position gets b = 0). `coef[p]` holds b (d, S*S) of position p; `coef_all` is one model
-    over every position, used when the slices' store indices are not given."""
+    over every position, used when the slices' store indices are not given. Additive, so its reconstruction,
+    composition and (up to clipping) reversibility are exact by construction.
+
+    Fit it on the attributes the evaluation changes: with the clinical scores in the model too, the diagnosis
+    coefficient becomes a partial effect given scores that disease itself drives, not the population effect
+    of the diagnosis (the protocol changes the diagnosis and keeps the scores at the source's values)."""
+    by_construction = UNCHANGED_METRICS + ("reversibility_l1",)
 
     def __init__(self, schema, size, position, coef, coef_all):
         self.schema, self.size, self.position = schema, size, position
         self.coef, self.coef_all = coef, coef_all
 
     @classmethod
-    def fit(cls, store, split="train", chunk=256, ridge=1e-3):
+    def fit(cls, store, split="train", chunk=256, ridge=1e-3, attrs=None):
         """Streams the split in chunks of slices, accumulating X^T X and X^T Y per position (normal
-        equations), so memory stays O(positions * d * S^2) whatever the store's size."""
+        equations), so memory stays O(positions * d * S^2) whatever the store's size. `attrs`: the
+        regressors (default: every store attribute)."""
+        schema = store.schema.select(list(attrs)) if attrs else store.schema
         idx = store.indices(split)
         positions = int(store.slice.max()) + 1
-        d = design(store.schema, store.raw(idx[:1])).shape[1] + 1
+        d = design(schema, store.raw(idx[:1])).shape[1] + 1
         xtx = np.zeros((positions, d, d))
         xty = np.zeros((positions, d, store.size ** 2))
         for start in range(0, len(idx), chunk):
             part = idx[start:start + chunk]
-            x = np.concatenate([np.ones((len(part), 1)), design(store.schema, store.raw(part))], axis=1)
+            x = np.concatenate([np.ones((len(part), 1)), design(schema, store.raw(part))], axis=1)
             y = store.images(part).reshape(len(part), -1).astype(np.float64)
             for p in np.unique(store.slice[part]):
                 m = store.slice[part] == p
@@ -77,7 +92,7 @@ class MeanDiff:
 
         coef_all = solve(xtx.sum(0), xty.sum(0))
         coef = np.stack([solve(xtx[p], xty[p]) if xtx[p, 0, 0] > 0 else coef_all for p in range(positions)])
-        return cls(store.schema, store.size, store.slice, coef, coef_all)
+        return cls(schema, store.size, store.slice, coef, coef_all)
 
     def difference(self, source_attrs, target_attrs):
         """f(target) - f(source), (N, S, S); attributes missing from the target keep the source's value."""
@@ -100,6 +115,7 @@ class MeanDiff:
 class Truth:
     """The synthetic phantom re-rendered at the target age and diagnosis (mri.synthetic.counterfactual);
     needs the slices' store indices ("index") and a store built with `data_prep.py --synthetic`."""
+    by_construction = GROUND_TRUTH_METRICS + UNCHANGED_METRICS
 
     def __init__(self, store):
         if not is_synthetic(store):

@@ -79,6 +79,7 @@ class Oracle:
     def __init__(self, model, schema):
         import keras
         self.model, self.schema = model, schema
+        self.size = int(model.inputs[0].shape[1])
         self._both = keras.Model(model.inputs, [model.get_layer("features").output, model.outputs[0]])
 
     def outputs(self, images, batch_size=64):

@@ -1,23 +1,30 @@
-"""The evaluation protocol, the same for every method (ARCHITECTURE.md "Evaluation").
+"""The evaluation protocol, the same for every method (docs/ARCHITECTURE.md, "Evaluation").
 
-On a seeded sample of test slices, each attribute of the oracle's schema is changed the same way for every
-method (`change_for`): age by +10 or -10 years (random sign, kept in 55..95), a categorical attribute to each
-other class, a binary one to the other value, another continuous one by +-1 train std. Each method's
-manipulated images are then scored by `evaluate`:
+On a seeded sample of test slices, each evaluated attribute (the oracle's schema, or `attrs`) is changed the
+same way for every method (`change_for`): age by +10 or -10 years (random sign, kept in 55..95), a categorical
+attribute to each other class, a binary one to the other value, another continuous one by +-1 train std. Each
+method's manipulated images are then scored per pair (`_score`):
 
 - effectiveness: the oracle's prediction vs the target (accuracy, or MAE in raw units), and its shift towards
   the target: for continuous attributes the predicted change signed by the requested direction, for binary and
   categorical ones the gain in the oracle's probability of the target class (less noisy than accuracy when the
   oracle is unsure);
-- identity / minimality: MSE and SSIM against the source; reconstruction MSE at unchanged attributes;
+- identity / minimality: MSE and SSIM against the source, over the whole image and inside the brain (the
+  source's foreground: half of every image is background); reconstruction MSE at unchanged attributes;
 - composition: the unchanged-attribute manipulation applied 5 times, mean L1 drift from the source;
 - reversibility: source -> target -> source, mean L1 to the source;
-- realism: Fréchet distance between oracle features of the manipulated slices and of real test slices with
-  the target attributes (each pair matched with one real slice at the same slice position when possible);
-- ground truth (synthetic stores): MSE and SSIM against the true counterfactual, and the error of the
-  ventricle and hippocampus area change (see GroundTruth).
+- realism: the Kernel Inception Distance (`stats.kid`) between oracle features of the manipulated slices and
+  of real test slices with the target attributes, one reference per pair drawn without replacement (at the
+  source's slice position when one is left); the Fréchet distance only when the pairs number at least
+  FD_MIN_RATIO times the feature dimension (below that its covariance estimate is noise);
+- ground truth (synthetic stores): MSE and SSIM against the true counterfactual (whole image and brain), and
+  the signed (bias) and absolute error of the measured ventricle and hippocampus area change (GroundTruth).
 
-"floor" holds the same scores for the unmanipulated source images ("no change"); identity equals it.
+Every number gets a 95 % interval from a bootstrap over test *subjects* (`stats.SubjectBootstrap`), and every
+method a paired difference to `meandiff` (when evaluated) and to `identity` (the no-change floor) on each
+metric, with its interval; the verdict "better" / "worse" is given only when that interval excludes 0.
+Scores a method reaches by construction (declared by its `by_construction` attribute, e.g. a residual mode's
+zero reconstruction error) are marked and never ranked.
 """
 import os
 import re
@@ -27,19 +34,33 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg, ndimage
 
-from mri import grids
+from mri import grids, stats
 
 AGE_PROTOCOL = dict(shift=10.0, bounds=(55.0, 95.0), tolerance=5.0, sweep=tuple(range(60, 91, 5)))
 REPEATS = 5            # composition: applications of the unchanged-attribute manipulation
 DIFF_SCALE = 0.5       # difference maps saturate at this intensity change ([-1, 1] images)
-ROI_DILATION = 2       # pixels around the true structure masks (GroundTruth)
+ROI_DILATION = 1       # pixels around the true structure masks: the renderer's partial-volume blur (GroundTruth)
 STRUCTURES = ("ventricles", "hippocampus")
+FD_MIN_RATIO = 4       # Fréchet distance only with at least this many pairs per feature dimension
+N_BOOT = 1000          # bootstrap resamples
+BACKGROUND = -1.0 + 1e-3   # brain mask: source pixels above the background value (-1)
+# +1: higher is better, -1: lower is better; metrics not listed (MSE/SSIM to the source, area bias) have no
+# better direction, so their paired differences get no verdict
+DIRECTION = {"mae": -1, "oracle_shift": 1, "accuracy": 1, "target_prob_shift": 1, "reversibility_l1": -1,
+             "kid": -1, "gt_mse": -1, "gt_ssim": 1, "gt_mse_brain": -1, "gt_ssim_brain": 1,
+             "ventricles_change_error_mm2": -1, "hippocampus_change_error_mm2": -1,
+             "reconstruction_mse": -1, "composition_l1": -1}
+REFERENCES = ("meandiff", "identity")
+# the no-change floor (and the identity method) is perfect on these by construction
+FLOOR_BY_CONSTRUCTION = ("mse", "ssim", "mse_brain", "ssim_brain", "reversibility_l1", "oracle_shift",
+                         "target_prob_shift", "reconstruction_mse", "composition_l1")
 
 
 # --- image metrics ------------------------------------------------------------------------------------
-def ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+def ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03, mask=None):
     """Mean SSIM of each image pair (Wang et al. 2004, IEEE TIP 13:600), (N, H, W[, 1]) -> (N,).
-    Gaussian window 11x11 with sigma 1.5, averaged over the window positions inside the image."""
+    Gaussian window 11x11 with sigma 1.5, averaged over the window positions inside the image, or over those
+    centred on `mask` (N, H, W) pixels (NaN for an empty mask)."""
     x = np.asarray(x, np.float64).reshape(len(x), *np.shape(x)[1:3])
     y = np.asarray(y, np.float64).reshape(x.shape)
     g = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
@@ -53,22 +74,39 @@ def ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean(axis=(1, 2))
+    if mask is None:
+        return s.mean(axis=(1, 2))
+    h = size // 2
+    m = np.asarray(mask, bool).reshape(x.shape)[:, h:h + s.shape[1], h:h + s.shape[2]]
+    with np.errstate(invalid="ignore"):
+        return (s * m).sum(axis=(1, 2)) / m.sum(axis=(1, 2))
 
 
-def mse(x, y):
-    return np.mean((np.asarray(x, np.float64) - y) ** 2, axis=tuple(range(1, np.ndim(x))))
+def mse(x, y, mask=None):
+    d = (np.asarray(x, np.float64) - np.asarray(y, np.float64).reshape(np.shape(x))) ** 2
+    axes = tuple(range(1, np.ndim(x)))
+    if mask is None:
+        return d.mean(axis=axes)
+    m = np.asarray(mask, bool).reshape(d.shape)
+    with np.errstate(invalid="ignore"):
+        return (d * m).sum(axis=axes) / m.sum(axis=axes)
 
 
 def l1(x, y):
     return np.mean(np.abs(np.asarray(x, np.float64) - y), axis=tuple(range(1, np.ndim(x))))
 
 
+def brain_mask(images):
+    """The brain of each source image: its pixels above the background value, (N, S, S) bool."""
+    x = np.asarray(images)
+    return x.reshape(len(x), *x.shape[1:3]) > BACKGROUND
+
+
 def frechet_distance(a, b, eps=1e-6):
     """Fréchet distance between Gaussians fitted to two feature sets (Dowson & Landau 1982; the FID of
     Heusel et al. 2017): |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). When the product is singular
     (fewer samples than dimensions) eps*I is added to both covariances, as in pytorch-fid; the matrix square
-    root's negligible imaginary part is dropped."""
+    root's negligible imaginary part is dropped. Biased and noisy with few samples: see FD_MIN_RATIO."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ca, cb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():   # singular products are handled below
@@ -124,16 +162,19 @@ def draw_pairs(store, sample, change, rng):
 
 
 def matched_reference(store, test, src, targets, change, rng):
-    """For each pair, a random real test slice that has the target (continuous: within tolerance), at the
-    source's slice position if one exists there; -1 if no test slice has the target."""
+    """For each pair, a real test slice that has the target (continuous: within tolerance), drawn without
+    replacement: at the source's slice position while one is left there, else at any position; -1 when every
+    test slice with the target is taken. Pairs are served in a random order, so none is favoured."""
     values, pos = store.attrs[change.name][test], store.slice[test]
-    out = np.full(len(src), -1, np.int64)
-    for i, (s, t) in enumerate(zip(src, targets)):
-        ok = np.abs(values - t) <= change.tolerance if change.kind == "continuous" else values == t
-        here = ok & (pos == store.slice[s])
-        candidates = test[here] if here.any() else test[ok]
+    out, free = np.full(len(src), -1, np.int64), np.ones(len(test), bool)
+    for i in rng.permutation(len(src)):
+        t = targets[i]
+        ok = free & (np.abs(values - t) <= change.tolerance if change.kind == "continuous" else values == t)
+        here = ok & (pos == store.slice[src[i]])
+        candidates = np.flatnonzero(here if here.any() else ok)
         if candidates.size:
-            out[i] = rng.choice(candidates)
+            j = rng.choice(candidates)
+            out[i], free[j] = test[j], False
     return out
 
 
@@ -142,18 +183,21 @@ class GroundTruth:
     """True counterfactuals (mri.synthetic.counterfactual) and structure areas measured from images.
 
     Area measure, applied alike to every method's image and to the true counterfactual (so `truth` has zero
-    error): a pixel is CSF-like when its intensity is nearer the CSF level than the tissue level, where the
-    CSF level is the median intensity of the sampled source slices inside their true ventricle masks and the
-    tissue level the median inside their true brain (parenchyma) masks. Ventricle area = CSF-like pixels, hippocampus
-    area = the other pixels, each counted inside a region of interest (the union of the structure's true masks
-    at the source and at the target attributes, dilated by ROI_DILATION pixels) times the pixel area in mm².
-    A method's change error is |area(method image) - area(true counterfactual)|: the source's area, measured
-    in the same region, cancels. Pairs whose region is empty (structure absent from the slice) are left out.
+    error): a partial-volume estimate. Each pixel's CSF fraction is f = clip((L_s - x) / (L_s - L_csf), 0, 1),
+    with L_csf the median intensity of the sampled source slices inside their true ventricles and L_s the
+    median inside the structure's surrounding tissue class (ventricles: the brain parenchyma; hippocampus: the
+    hippocampus itself). Ventricle area = sum of f, hippocampus area = sum of 1 - f, each over a region of
+    interest: the union of the structure's true masks at the source and at the target attributes, grown by
+    ROI_DILATION pixel (the renderer's partial-volume blur reaches one pixel past a mask), the hippocampus's
+    without the ventricles' pixels; times the pixel area in mm². Measured change against true mask change on
+    rendered slices: slope 1 +- 0.1 for both structures (tests/test_evaluate.py). A method's change error is
+    area(method image) - area(true counterfactual) (the source's area, measured in the same region, cancels):
+    its mean is the bias, its mean absolute value the error. Pairs whose region is empty are left out.
     """
 
     def __init__(self, store, sample, batch_size):
         self.store, self.sample = store, sample
-        masks, inside = {s: [] for s in STRUCTURES}, {"ventricles": [], "brain": []}
+        masks, inside = {s: [] for s in STRUCTURES}, {"ventricles": [], "brain": [], "hippocampus": []}
         for i in range(0, len(sample), batch_size):
             idx = sample[i:i + batch_size]
             truth = self._render(idx, {})
@@ -161,45 +205,52 @@ class GroundTruth:
             for s in STRUCTURES:
                 masks[s].append(truth["masks"][s])
             for s in inside:
-                inside[s].append(x[truth["masks"][s]])
+                inside[s].append(x[truth["fractions"][s] > 0.99])
         self.source_masks = {s: np.concatenate(masks[s]) for s in STRUCTURES}
         levels = {}
         for s in inside:
             values = np.concatenate(inside[s])
             if values.size == 0:
-                raise ValueError(f"{store.path}: no {s} pixels in the {len(sample)} sampled test slices, so the "
-                                 "area measure has no intensity level; evaluate more slices (--n)")
+                raise ValueError(f"{store.path}: no pixels fully inside the {s} in the {len(sample)} sampled test "
+                                 "slices, so the area measure has no intensity level; evaluate more slices (--n)")
             levels[s] = float(np.median(values))
-        self.csf_level, self.tissue_level = levels["ventricles"], levels["brain"]
+        self.csf_level = levels["ventricles"]
+        self.tissue_level = {"ventricles": levels["brain"], "hippocampus": levels["hippocampus"]}
         side = np.array([store.plan(v)["side_mm"] for v in range(int(store.volume.max()) + 1)])
         self.pixel_mm2 = (side / store.size) ** 2
 
     def _render(self, idx, target):
         from mri import synthetic
         out = synthetic.counterfactual(self.store, idx, age=target.get("age"), dx=target.get("dx"), masks=True)
-        out["masks"] = {s: np.asarray(out["masks"][s]) > 0.5 for s in ("brain", *STRUCTURES)}
+        out["fractions"] = {s: np.asarray(out["masks"][s]) for s in ("brain", *STRUCTURES)}
+        out["masks"] = {s: f > 0 for s, f in out["fractions"].items()}
         return out
 
     def target(self, idx, target):
         """(true counterfactual images (N, S, S), regions of interest {structure: (N, S, S) bool})."""
         truth = self._render(idx, target)
-        src = self.source_masks
         rows = np.searchsorted(self.sample, idx)
-        grow = np.zeros((1, 3, 3), bool)
-        grow[0] = ndimage.generate_binary_structure(2, 1)
-        roi = {s: ndimage.binary_dilation(src[s][rows] | truth["masks"][s], grow, ROI_DILATION) for s in STRUCTURES}
+        union = {s: self.source_masks[s][rows] | truth["masks"][s] for s in STRUCTURES}
+        grow = np.zeros((3, 3, 3), bool)
+        grow[1] = ndimage.generate_binary_structure(2, 1)
+        roi = {s: ndimage.binary_dilation(union[s], grow, ROI_DILATION) if ROI_DILATION else union[s]
+               for s in STRUCTURES}
+        roi["hippocampus"] &= ~union["ventricles"]
         return np.asarray(truth["images"], np.float32), roi
 
     def areas(self, images, roi, idx):
         """{structure: (N,) area in mm²} measured from images inside the regions of interest."""
-        x = np.asarray(images, np.float32).reshape(roi["ventricles"].shape)
-        csf = np.abs(x - self.csf_level) < np.abs(x - self.tissue_level)
+        x = np.asarray(images, np.float64).reshape(roi["ventricles"].shape)
         px = self.pixel_mm2[self.store.volume[idx]]
-        return {"ventricles": (csf & roi["ventricles"]).sum((1, 2)) * px,
-                "hippocampus": (~csf & roi["hippocampus"]).sum((1, 2)) * px}
+        out = {}
+        for s in STRUCTURES:
+            high = self.tissue_level[s]
+            csf = np.clip((high - x) / (high - self.csf_level), 0.0, 1.0)
+            out[s] = ((csf if s == "ventricles" else 1.0 - csf) * roi[s]).sum((1, 2)) * px
+        return out
 
 
-# --- the evaluation ----------------------------------------------------------------------------------------
+# --- per-pair scores ---------------------------------------------------------------------------------------
 FLOOR = "no change (source)"
 TRUTH_ATTRS = ("age", "dx")   # what the synthetic phantom can re-render
 
@@ -209,17 +260,14 @@ def is_synthetic(store):
     return "csv/subject_seed" in store.file
 
 
-def _mean(parts):
-    v = np.concatenate(parts) if parts else np.zeros(0)
-    return float(v.mean()) if v.size else None
-
-
 def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=None):
     """Per-pair arrays of one batch: sources x, manipulated y, and y manipulated back to the source;
     oracle_* = (prediction in raw units, probability of the target class or None) of x and of y;
     truth = (true images, regions of interest, indices, GroundTruth) on synthetic stores."""
     (pred_src, p_src), (pred, p) = oracle_src, oracle_out
-    out = {"mse": mse(y, x), "ssim": ssim(y, x), "reversibility_l1": l1(back, x)}
+    brain = brain_mask(x)
+    out = {"mse": mse(y, x), "ssim": ssim(y, x), "mse_brain": mse(y, x, brain), "ssim_brain": ssim(y, x, mask=brain),
+           "reversibility_l1": l1(back, x)}
     if change.kind == "continuous":
         out["mae"] = np.abs(pred - target)
         out["oracle_shift"] = (pred - pred_src) * np.sign(target - source)
@@ -229,9 +277,11 @@ def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=Non
     if truth is not None:
         images, roi, idx, gt = truth
         out["gt_mse"], out["gt_ssim"] = mse(y[..., 0], images), ssim(y, images)
+        out["gt_mse_brain"], out["gt_ssim_brain"] = mse(y[..., 0], images, brain), ssim(y, images, mask=brain)
         measured, true = gt.areas(y, roi, idx), gt.areas(images, roi, idx)
         for s in STRUCTURES:
-            out[f"{s}_change_error_mm2"] = np.abs(measured[s] - true[s])[roi[s].any((1, 2))]
+            err = np.where(roi[s].any((1, 2)), measured[s] - true[s], np.nan)
+            out[f"{s}_change_bias_mm2"], out[f"{s}_change_error_mm2"] = err, np.abs(err)
     return out
 
 
@@ -240,8 +290,9 @@ def _features(oracle, store, idx, batch_size):
                            for i in range(0, len(idx), batch_size)])
 
 
-def score_change(store, oracle, methods, change, src, tgt, ref, gt, batch_size):
-    """Scores of the floor and of every method for one attribute's pairs (src[i] -> target tgt[i])."""
+def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
+    """Per-pair scores {method: {metric: (P,) array}} and oracle features {method: (P, F)} of the floor and
+    every method for one attribute's pairs (src[i] -> target tgt[i])."""
     parts = {m: {} for m in [FLOOR, *methods]}
     feats = {m: [] for m in parts}
     for i in range(0, len(src), batch_size):
@@ -264,23 +315,14 @@ def score_change(store, oracle, methods, change, src, tgt, ref, gt, batch_size):
             outputs[m] = (y, back, *judge(y))
         for m, (y, back, f, oracle_out) in outputs.items():
             for k, v in _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth).items():
-                parts[m].setdefault(k, []).append(v)
+                parts[m].setdefault(k, []).append(np.asarray(v, np.float64))
             feats[m].append(f)
-    has_ref = ref >= 0
-    ref_feats = _features(oracle, store, ref[has_ref], batch_size) if has_ref.sum() >= 2 else None
-    out = {}
-    for m in parts:
-        s = {k: _mean(v) for k, v in parts[m].items()}
-        if gt:
-            s.update({f"{st}_pairs": int(sum(len(v) for v in parts[m][f"{st}_change_error_mm2"])) for st in STRUCTURES})
-        s["fd"] = None if ref_feats is None else frechet_distance(np.concatenate(feats[m])[has_ref], ref_feats)
-        s["fd_pairs"] = int(has_ref.sum())
-        out[m] = s
-    return out
+    return ({m: {k: np.concatenate(v) for k, v in p.items()} for m, p in parts.items()},
+            {m: np.concatenate(f) for m, f in feats.items()})
 
 
 def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
-    """Reconstruction MSE at target = source, and mean L1 drift after `repeats` such manipulations."""
+    """Per-slice reconstruction MSE at target = source, and L1 drift after `repeats` such manipulations."""
     recon, drift = [], []
     for i in range(0, len(sample), batch_size):
         idx = sample[i:i + batch_size]
@@ -292,34 +334,160 @@ def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
             if k == 0:
                 recon.append(mse(y, x))
         drift.append(l1(y, x))
-    return {"reconstruction_mse": _mean(recon), "composition_l1": _mean(drift), "repeats": repeats}
+    return {"reconstruction_mse": np.concatenate(recon), "composition_l1": np.concatenate(drift)}
 
 
-def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, log=print):
-    """Score {name: method} on n seeded test slices with the protocol above; returns a JSON-ready dict."""
-    changes = [change_for(a) for a in oracle.schema.attributes]
-    missing = [c.name for c in changes if c.name not in store.schema.names]
+# --- summaries with intervals ---------------------------------------------------------------------------------
+def _verdict(metric, diff, ci, fixed):
+    """"better" / "worse" when the paired interval excludes 0 in the metric's direction, else "no difference
+    shown"; None for metrics without a direction or reached by construction (never ranked)."""
+    if metric not in DIRECTION or fixed or ci is None:
+        return None
+    if ci[0] > 0 or ci[1] < 0:
+        return "better" if np.sign(diff) == DIRECTION[metric] else "worse"
+    return "no difference shown"
+
+
+def summarise(per_pair, groups, boot, references, by_construction, kid_weights=None, kid_values=None):
+    """{method: {metric: mean, "ci": {metric: [low, high]}, "vs": {reference: {metric: {"diff", "ci",
+    "verdict"}}}}} from per-pair arrays {method: {metric: (P,)}}, pairs labelled by subject `groups`.
+    kid_values {method: (value, (B,) resampled values)} adds the KID with the same resamples."""
+    out = {}
+    for m, scores in per_pair.items():
+        s = {"ci": {}, "vs": {}}
+        if m == FLOOR:
+            references_m = ()
+        else:
+            references_m = references
+        for k, v in scores.items():
+            s[k], s["ci"][k] = boot.interval(v, groups)
+        if kid_values:
+            s["kid"], s["ci"]["kid"] = kid_values[m][0], stats.percentile_interval(kid_values[m][1])
+        for ref in references_m:
+            if ref == m or ref not in per_pair or (ref == FLOOR and m == "identity"):
+                continue
+            vs, fixed = {}, {*by_construction.get(m, ()), *by_construction.get(ref, ())}
+            for k, v in scores.items():
+                d, ci = boot.interval(v - per_pair[ref][k], groups)
+                vs[k] = {"diff": d, "ci": ci, "verdict": _verdict(k, d, ci, k in fixed)}
+            if kid_values:
+                d = kid_values[m][0] - kid_values[ref][0]
+                ci = stats.percentile_interval(kid_values[m][1] - kid_values[ref][1])
+                vs["kid"] = {"diff": d, "ci": ci, "verdict": _verdict("kid", d, ci, False)}
+            s["vs"]["identity" if ref == FLOOR else ref] = vs
+        out[m] = s
+    return out
+
+
+def _realism(feats, ref, ref_feats, groups, ref_groups, boot):
+    """KID value and resamples per method (pairs with a reference), and the FD where samples suffice."""
+    has = ref >= 0
+    kid, fd = {}, {}
+    if has.sum() < 4:
+        return None, {m: None for m in feats}
+    w, g, h = boot.for_pairs(groups[has]), groups[has], ref_groups
+    for m, f in feats.items():
+        kid[m] = (stats.kid(f[has], ref_feats, None, g, h), stats.kid(f[has], ref_feats, w, g, h))
+        enough = has.sum() >= FD_MIN_RATIO * f.shape[1]
+        fd[m] = frechet_distance(f[has], ref_feats) if enough else None
+    return kid, fd
+
+
+# --- the evaluation ----------------------------------------------------------------------------------------
+def check_oracle(store, oracle, names):
+    """The oracle must predict `names` as the store encodes them, at the store's image size (it may have been
+    trained on another store: an oracle that shares no subjects with the methods)."""
+    missing = [n for n in names if n not in store.schema.names or n not in oracle.schema.names]
     if missing:
-        raise ValueError(f"{store.path} has no attributes {missing}, which the oracle predicts; "
-                         f"evaluate on a store with them (it has {store.schema.names})")
+        raise ValueError(f"attributes {missing} are not both in the store {store.path} ({store.schema.names}) "
+                         f"and predicted by the oracle ({oracle.schema.names}); choose others with --attrs")
+    for n in names:
+        a, b = store.schema[n], oracle.schema[n]
+        if a.kind != b.kind or list(a.classes or []) != list(b.classes or []):
+            raise ValueError(f"attribute {n!r}: the store has {a.kind} {a.classes or ''}, the oracle was trained "
+                             f"on {b.kind} {b.classes or ''}; train the oracle on a store with the same schema")
+    size = getattr(oracle, "size", None)
+    if size is not None and size != store.size:
+        raise ValueError(f"the oracle takes {size}x{size} slices, {store.path} holds {store.size}x{store.size}; "
+                         f"train the oracle on a store built with --size {store.size}")
+
+
+def oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed):
+    """The oracle on the store's whole test split, with subject-bootstrap intervals: MAE (and that of
+    predicting the train mean) for continuous attributes; accuracy, balanced accuracy (mean per-class recall;
+    chance = 1 / classes) and the majority-class accuracy for the others."""
+    idx = store.indices("test")
+    preds = {n: [] for n in names}
+    for i in range(0, len(idx), batch_size):
+        p = oracle.predict_raw(store.images(idx[i:i + batch_size]), batch_size)
+        for n in names:
+            preds[n].append(p[n])
+    groups = store.subject[idx]
+    boot = stats.SubjectBootstrap(groups, n_boot, seed)
+    out = {"n": len(idx), "subjects": len(boot.subjects)}
+    for n in names:
+        a, p, t = store.schema[n], np.concatenate(preds[n]), store.attrs[n][idx].astype(np.float64)
+        if a.kind == "continuous":
+            mae, ci = boot.interval(np.abs(p - t), groups)
+            out[n] = {"mae": mae, "ci": {"mae": ci}, "mae_predicting_train_mean": float(np.mean(np.abs(a.mean - t)))}
+            continue
+        correct = (p == t).astype(np.float64)
+        acc, ci = boot.interval(correct, groups)
+        classes = [k for k in range(max(a.width, 2)) if (t == k).any()]
+
+        def recall(weights):   # mean per-class recall under pair weights (P,) or (B, P); NaN if a class is absent
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.mean([(weights @ (correct * (t == k))) / (weights @ (t == k)) for k in classes], axis=0)
+
+        train = store.attrs[n][store.indices("train")].astype(np.int64)
+        out[n] = {"accuracy": acc, "balanced_accuracy": float(recall(np.ones(len(t)))),
+                  "ci": {"accuracy": ci, "balanced_accuracy": stats.percentile_interval(recall(boot.for_pairs(groups)))},
+                  "chance_balanced_accuracy": 1.0 / len(classes),
+                  "majority_accuracy": float(np.mean(t == np.bincount(train, minlength=a.width).argmax()))}
+    return out
+
+
+def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n_boot=N_BOOT, log=print):
+    """Score {name: method} on n seeded test slices with the protocol above; returns a JSON-ready dict."""
+    names = list(attrs or oracle.schema.names)
+    check_oracle(store, oracle, names)
+    changes = [change_for(store.schema[a]) for a in names]
     rng = np.random.default_rng(seed)
     test = store.indices("test")
     sample = np.sort(rng.choice(test, min(n, len(test)), replace=False))
+    boot = stats.SubjectBootstrap(store.subject[sample], n_boot, seed)
     gt = GroundTruth(store, sample, batch_size) if is_synthetic(store) else None
-    result = {"n": len(sample), "seed": seed, "store": store.path, "synthetic": gt is not None,
-              "protocol": {}, "floor": {}, "methods": {m: {} for m in methods}}
+    fixed = {m: sorted(getattr(method, "by_construction", ())) for m, method in methods.items()}
+    fixed[FLOOR] = FLOOR_BY_CONSTRUCTION
+    references = [r for r in ("meandiff", FLOOR) if r in methods or r == FLOOR]
+    result = {"n": len(sample), "subjects": len(boot.subjects), "seed": seed, "store": store.path,
+              "synthetic": gt is not None, "attrs": names,
+              "bootstrap": {"resamples": n_boot, "level": stats.LEVEL, "unit": "subject"},
+              "protocol": {}, "floor": {}, "methods": {m: {"by_construction": fixed[m]} for m in methods}}
     for change in changes:
         src, tgt = draw_pairs(store, sample, change, rng)
         ref = matched_reference(store, test, src, tgt, change, rng)
         log(f"{change.name}: {len(src)} pairs, {len(methods)} methods")
-        scores = score_change(store, oracle, methods, change, src, tgt, ref,
-                              gt if change.name in TRUTH_ATTRS else None, batch_size)
+        per_pair, feats = score_change(store, oracle, methods, change, src, tgt,
+                                       gt if change.name in TRUTH_ATTRS else None, batch_size)
+        groups = store.subject[src]
+        ref_feats = _features(oracle, store, ref[ref >= 0], batch_size) if (ref >= 0).sum() >= 4 else None
+        kid, fd = _realism(feats, ref, ref_feats, groups, store.subject[ref[ref >= 0]], boot)
+        scores = summarise(per_pair, groups, boot, references, fixed, kid_values=kid)
+        for m in scores:
+            scores[m].update(fd=fd[m], kid_pairs=int((ref >= 0).sum()), pairs=len(src))
+            if gt and change.name in TRUTH_ATTRS:
+                scores[m].update({f"{s}_pairs": int(np.isfinite(per_pair[m][f"{s}_change_error_mm2"]).sum())
+                                  for s in STRUCTURES})
         result["protocol"][change.name] = {"pairs": len(src), "change": describe(change, store.schema[change.name])}
         result["floor"][change.name] = scores.pop(FLOOR)
         for m, s in scores.items():
             result["methods"][m][change.name] = s
-    for m, method in methods.items():
-        result["methods"][m]["unchanged"] = score_unchanged(store, method, sample, batch_size)
+    unchanged = {m: score_unchanged(store, method, sample, batch_size) for m, method in methods.items()}
+    groups = store.subject[sample]
+    for m, s in summarise(unchanged, groups, boot, [r for r in references if r != FLOOR], fixed).items():
+        result["methods"][m]["unchanged"] = dict(s, repeats=REPEATS)
+    result["oracle_test"] = oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed)
     return result
 
 
@@ -412,42 +580,100 @@ def _write(out_dir, name, image, caption):
 
 # --- report ---------------------------------------------------------------------------------------------------
 def _fmt(v):
-    return "–" if v is None else f"{v:.4g}"
+    return "–" if v is None else f"{v:.3g}"
+
+
+def _cell(s, key, fixed=()):
+    """"value [low, high]", marked † when the method reaches it by construction."""
+    v, ci = s.get(key), s.get("ci", {}).get(key)
+    text = _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return text + (" †" if key in fixed else "")
+
+
+def _diff_cell(d):
+    if d is None or d["diff"] is None:
+        return "–"
+    text = f"{d['diff']:+.3g} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]" if d["ci"] else f"{d['diff']:+.3g}"
+    return text + {"better": " **better**", "worse": " worse", None: ""}.get(d["verdict"], "")
+
+
+def _columns(floor):
+    effect = [("accuracy ↑", "accuracy"), ("target prob. shift ↑", "target_prob_shift")] if "accuracy" in floor \
+        else [("MAE ↓", "mae"), ("oracle shift ↑", "oracle_shift")]
+    identity = [("MSE", "mse"), ("MSE brain", "mse_brain"), ("SSIM brain", "ssim_brain"),
+                ("reversibility L1 ↓", "reversibility_l1"), ("KID ↓", "kid")]
+    gt = []
+    if "gt_mse" in floor:
+        gt = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain")]
+        for s in STRUCTURES:
+            gt += [(f"Δ{s} bias mm²", f"{s}_change_bias_mm2"), (f"Δ{s} error mm² ↓", f"{s}_change_error_mm2")]
+    return effect + identity, gt
+
+
+def _table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def report_markdown(metrics, title="Evaluation"):
-    """The metrics as markdown: one table per attribute (methods as rows), unchanged attributes, figures."""
+    """The metrics as markdown: per attribute, the values with their intervals and the paired differences to
+    meandiff and identity with verdicts; unchanged attributes; the oracle on the test split; figures."""
     m = metrics
+    boot = m.get("bootstrap", {})
     lines = [f"# {title}", "",
-             f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices (seed {m['seed']}).",
-             "Effectiveness is the oracle's prediction on the manipulated slice vs the target (MAE in the "
-             "attribute's raw units, e.g. years; oracle shift = predicted change in the requested direction; "
-             "target prob. shift = gain in the oracle's probability of the target class). "
-             "MSE/SSIM and reversibility L1 compare with the source; FD = Fréchet distance of oracle features to "
-             "real test slices with the target attributes (pairs with such a slice in brackets)."]
+             f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices of {m.get('subjects', '?')} "
+             f"subjects (seed {m['seed']}). Every value is the mean over pairs with its {boot.get('level', 0.95):.0%} "
+             f"interval [low, high] from {boot.get('resamples', '?')} bootstrap resamples of test subjects. "
+             "† = reached by construction (not a result, never ranked).",
+             "Effectiveness: the oracle's prediction on the manipulated slice vs the target (MAE in raw units; oracle "
+             "shift = predicted change in the requested direction; target prob. shift = gain in the oracle's "
+             "probability of the target class). MSE/SSIM and reversibility L1 compare with the source (brain = "
+             "inside the source's foreground); KID = Kernel Inception Distance of oracle features to real test "
+             "slices with the target attributes (x 1, unbiased, can be < 0)."]
     if m["synthetic"]:
-        lines.append("GT: against the true counterfactual of the phantom; area errors = mean |measured area "
-                     "change - true measured area change| in mm² (the no-change row gives the mean true change).")
+        lines.append("GT: against the true counterfactual of the phantom; Δ area bias / error = mean signed / absolute "
+                     "(measured area change - true measured area change) in mm² (the no-change row gives minus "
+                     "the true change).")
     for name, proto in m["protocol"].items():
         floor = m["floor"][name]
-        effect = "accuracy ↑" if "accuracy" in floor else "MAE ↓"
-        cols = [(effect, "accuracy" if "accuracy" in floor else "mae")]
-        cols += [("oracle shift ↑", "oracle_shift")] if "oracle_shift" in floor else []
-        cols += [("target prob. shift ↑", "target_prob_shift")] if "target_prob_shift" in floor else []
-        cols += [("MSE ↓", "mse"), ("SSIM ↑", "ssim"), ("reversibility L1 ↓", "reversibility_l1"), ("FD ↓", "fd")]
-        if "gt_mse" in floor:
-            cols += [("GT MSE ↓", "gt_mse"), ("GT SSIM ↑", "gt_ssim")]
-            cols += [(f"Δ{s} error mm² ↓", f"{s}_change_error_mm2") for s in STRUCTURES]
-        lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", "",
-                  "| method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for method, s in [(FLOOR, floor)] + [(k, v[name]) for k, v in m["methods"].items()]:
-            cells = [_fmt(s[key]) + (f" ({s['fd_pairs']})" if key == "fd" else "") for _, key in cols]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Unchanged attributes (target = source), n = {m['n']}", "",
-              f"| method | reconstruction MSE ↓ | composition L1 after {REPEATS}× ↓ |", "|---|---|---|"]
-    for method, v in m["methods"].items():
-        u = v["unchanged"]
-        lines.append(f"| {method} | {_fmt(u['reconstruction_mse'])} | {_fmt(u['composition_l1'])} |")
+        main, gt = _columns(floor)
+        rows = [(FLOOR, floor, ())] + [(k, v[name], v.get("by_construction", ())) for k, v in m["methods"].items()]
+        lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", ""]
+        for cols in (main, gt):
+            if cols:
+                lines += _table(["method"] + [c for c, _ in cols],
+                                [[r] + [_cell(s, k, fixed) for _, k in cols] for r, s, fixed in rows]) + [""]
+        fd = [(r, s["fd"]) for r, s, _ in rows if s.get("fd") is not None]
+        if fd:
+            lines += ["Fréchet distance: " + ", ".join(f"{r} {_fmt(v)}" for r, v in fd) + "", ""]
+        else:
+            lines += [f"Fréchet distance not reported: {floor.get('kid_pairs', 0)} pairs, fewer than {FD_MIN_RATIO}x the "
+                      "feature dimension.", ""]
+        keys = [(c, k) for c, k in main + gt if k in DIRECTION or k.endswith("bias_mm2")]
+        for ref in REFERENCES:
+            compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
+            if compared:
+                lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
+                          "excludes 0):", ""]
+                lines += _table(["method"] + [c for c, _ in keys],
+                                [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+    lines += [f"## Unchanged attributes (target = source), n = {m['n']}", ""]
+    lines += _table(["method", "reconstruction MSE ↓", f"composition L1 after {REPEATS}× ↓", "vs meandiff (recon., comp.)"],
+                    [[k, _cell(v["unchanged"], "reconstruction_mse", v.get("by_construction", ())),
+                      _cell(v["unchanged"], "composition_l1", v.get("by_construction", ())),
+                      ", ".join(_diff_cell(v["unchanged"]["vs"]["meandiff"].get(x)) for x in ("reconstruction_mse", "composition_l1"))
+                      if "meandiff" in v["unchanged"].get("vs", {}) else "–"] for k, v in m["methods"].items()])
+    if m.get("oracle_test"):
+        o = m["oracle_test"]
+        lines += ["", f"## The oracle on this store's test split ({o['n']} slices, {o['subjects']} subjects)", ""]
+        for name, s in o.items():
+            if not isinstance(s, dict):
+                continue
+            if "mae" in s:
+                lines.append(f"- {name}: MAE {_cell(s, 'mae')} (predicting the train mean: {_fmt(s['mae_predicting_train_mean'])})")
+            else:
+                lines.append(f"- {name}: balanced accuracy {_cell(s, 'balanced_accuracy')} (chance "
+                             f"{_fmt(s['chance_balanced_accuracy'])}), accuracy {_cell(s, 'accuracy')} (majority class "
+                             f"{_fmt(s['majority_accuracy'])})")
     if m.get("figures"):
         lines += ["", "## Trajectories", ""]
         for f in m["figures"]:

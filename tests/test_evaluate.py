@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models import baselines, load_method
-from mri import evaluation, grids
+from mri import evaluation, grids, stats
 from mri.attributes import Attribute, Schema
 from mri.io import write_json
 from mri.store import SliceStore, write_store
@@ -159,35 +159,72 @@ def _numbers(tree, path=""):
     if isinstance(tree, dict):
         for k, v in tree.items():
             yield from _numbers(v, f"{path}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{path}[{i}]")
     elif isinstance(tree, (int, float)) or tree is None:
         yield path, tree
 
 
 def test_metrics_are_complete_finite_and_reproducible(planted):
     m = metrics(planted)
-    numbers = [(p, v) for p, v in _numbers({"floor": m["floor"], "methods": m["methods"]})]
-    bad = [p for p, v in numbers if v is None or not math.isfinite(v)]
+    numbers = list(_numbers({"floor": m["floor"], "methods": m["methods"], "oracle": m["oracle_test"]}))
+    # None only where documented: the FD below FD_MIN_RATIO pairs per dimension, verdicts of undirected metrics
+    bad = [p for p, v in numbers if (v is None and not p.endswith(("/fd", "/verdict"))) or (v is not None and not math.isfinite(v))]
     assert not bad, bad
     assert set(m["methods"]) == {"identity", "meandiff", "truth"} and m["synthetic"] and m["n"] == 24
     assert m["protocol"]["age"]["pairs"] == 24 and m["protocol"]["dx"]["pairs"] == 48
+    # every metric has its interval, and the interval holds the point estimate's neighbourhood
+    for method, attrs in m["methods"].items():
+        for attr in ("age", "dx", "unchanged"):
+            s = attrs[attr]
+            values = {k: v for k, v in s.items() if isinstance(v, float) and k not in ("fd",)}
+            assert set(values) <= set(s["ci"]), (method, attr, set(values) - set(s["ci"]))
+            for k, (lo, hi) in s["ci"].items():
+                assert lo <= hi, (method, attr, k)
+        for ref in ("meandiff", "identity"):
+            if ref != method:
+                assert "gt_mse" in attrs["age"]["vs"][ref] and "kid" in attrs["age"]["vs"][ref]
+    assert m["floor"]["age"]["fd"] is None and m["floor"]["age"]["kid"] is not None   # 22 pairs < 4 x 16 dims
+    assert m["bootstrap"] == {"resamples": 1000, "level": 0.95, "unit": "subject"}
     with open(os.path.join(planted[2][0], "metrics.json"), "rb") as a, open(os.path.join(planted[2][1], "metrics.json"), "rb") as b:
         assert a.read() == b.read()
     report = open(os.path.join(planted[2][0], "report.md")).read()
     assert "n = 24" in report and "| meandiff |" in report and "trajectories_truth_n2.png" in report
+    assert "Paired difference to meandiff" in report and " †" in report
 
 
 def test_identity_equals_the_floor_and_truth_has_no_ground_truth_error(planted):
     m = metrics(planted)
     for attr in ("age", "dx"):
-        ident = m["methods"]["identity"][attr]
-        assert ident == m["floor"][attr]
-        assert ident["mse"] == 0 and ident["ssim"] == 1 and ident["reversibility_l1"] == 0
+        ident = {k: v for k, v in m["methods"]["identity"][attr].items() if k != "vs"}
+        assert ident == {k: v for k, v in m["floor"][attr].items() if k != "vs"}
+        assert ident["mse"] == 0 and ident["ssim"] == 1 and ident["reversibility_l1"] == 0 and ident["mse_brain"] == 0
         assert ident.get("target_prob_shift", 0) == 0 and ident.get("oracle_shift", 0) == 0
         truth = m["methods"]["truth"][attr]
-        assert truth["gt_mse"] == 0 and truth["gt_ssim"] == pytest.approx(1.0, abs=1e-12)
-        assert truth["ventricles_change_error_mm2"] == 0 and truth["hippocampus_change_error_mm2"] == 0
+        assert truth["gt_mse"] == 0 and truth["gt_ssim"] == pytest.approx(1.0, abs=1e-12) and truth["gt_mse_brain"] == 0
+        for s in evaluation.STRUCTURES:
+            assert truth[f"{s}_change_error_mm2"] == 0 and truth[f"{s}_change_bias_mm2"] == 0 and truth[f"{s}_pairs"] > 0
         assert ident["ventricles_change_error_mm2"] > 0 and ident["ventricles_pairs"] > 0
-    assert m["methods"]["identity"]["unchanged"] == {"reconstruction_mse": 0.0, "composition_l1": 0.0, "repeats": 5}
+    u = m["methods"]["identity"]["unchanged"]
+    assert (u["reconstruction_mse"], u["composition_l1"], u["repeats"]) == (0.0, 0.0, 5)
+
+
+def test_by_construction_scores_are_marked_and_never_ranked(planted):
+    m = metrics(planted)
+    assert "reversibility_l1" in m["methods"]["meandiff"]["by_construction"]
+    assert "gt_mse" in m["methods"]["truth"]["by_construction"]
+    # truth's ground-truth scores are perfect by construction: a difference, but no verdict
+    vs = m["methods"]["truth"]["age"]["vs"]["meandiff"]["gt_mse"]
+    assert vs["diff"] < 0 and vs["ci"][1] < 0 and vs["verdict"] is None
+    # identity's reversibility (0) against meandiff's (additive): both by construction, not ranked
+    assert m["methods"]["identity"]["dx"]["vs"]["meandiff"]["reversibility_l1"]["verdict"] is None
+    assert evaluation._verdict("gt_mse", -1.0, [-2.0, -0.5], False) == "better"
+    assert evaluation._verdict("gt_mse", 1.0, [0.5, 2.0], False) == "worse"
+    assert evaluation._verdict("gt_ssim", 1.0, [0.5, 2.0], False) == "better"
+    assert evaluation._verdict("gt_mse", -1.0, [-2.0, 0.5], False) == "no difference shown"
+    assert evaluation._verdict("mse", -1.0, [-2.0, -0.5], False) is None
+    assert evaluation._verdict("gt_mse", -1.0, [-2.0, -0.5], True) is None
 
 
 def test_meandiff_moves_towards_the_target(planted):
@@ -195,9 +232,22 @@ def test_meandiff_moves_towards_the_target(planted):
     mean, ident = m["methods"]["meandiff"], m["methods"]["identity"]
     for attr in ("age", "dx"):
         assert mean[attr]["gt_mse"] < ident[attr]["gt_mse"]
+        assert mean[attr]["vs"]["identity"]["gt_mse"]["verdict"] == "better"
         assert mean[attr]["ventricles_change_error_mm2"] < ident[attr]["ventricles_change_error_mm2"]
     assert mean["age"]["oracle_shift"] > 0 == ident["age"]["oracle_shift"]
     assert mean["age"]["mae"] < ident["age"]["mae"]
+
+
+def test_meandiff_is_fitted_on_the_evaluated_attributes(tmp_path, planted):
+    with SliceStore(planted[0]) as store:
+        only_age = load_method("meandiff", store, attrs=["age"])
+        both = baselines.MeanDiff.fit(store)
+        assert only_age.schema.names == ["age"] and both.schema.names == ["age", "dx"]
+        assert only_age.coef.shape[1] == 1 and both.coef.shape[1] == 1 + 2   # age, and dx without its reference class
+        with pytest.raises(KeyError, match="nosuch.*not in the store"):
+            baselines.MeanDiff.fit(store, attrs=["nosuch"])
+    m = metrics(planted)
+    assert m["attrs"] == ["age", "dx"]
 
 
 def test_trajectory_pngs_have_the_expected_size(planted):
@@ -227,28 +277,119 @@ def test_clear_errors(planted, tmp_path, capsys):
         baselines.make("nosuch", plain)
 
 
-def test_truth_on_the_real_phantom(tmp_path):
+@pytest.fixture(scope="module")
+def phantom_store(tmp_path_factory):
+    """A small store of the real synthetic cohort at the default geometry (128 px, 32 slices 2 mm apart)."""
+    from mri import prep
+    d = tmp_path_factory.mktemp("phantom")
+    cfg = prep.PrepConfig(images=None, csv=None, out=str(d / "syn.h5"), attrs=("age", "dx"), size=128,
+                          split=(0.34, 0.0, 0.66), workers=2, seed=2)
+    prep.build(prep.synthetic_config(cfg, 3, str(d / "volumes")), log=lambda *a: None)
+    return cfg.out
+
+
+def test_area_measure_is_calibrated_on_the_phantom(phantom_store):
+    """The measured change of each structure against the true mask change, over every slice of the store
+    rendered at its own age and 15 years older: slope 1 +- 0.1 (the dilated, thresholded measure this
+    replaced gave 1.95 for the hippocampus)."""
+    import mri.synthetic
+    with pytest.MonkeyPatch.context() as mp, SliceStore(phantom_store) as store:
+        mp.setattr(mri.synthetic, "counterfactual", REAL_COUNTERFACTUAL)
+        idx = np.arange(len(store))
+        gt = evaluation.GroundTruth(store, idx, 128)
+        source = store.images(idx)
+        true_source = REAL_COUNTERFACTUAL(store, idx)
+        older = np.minimum(store.attrs["age"][idx] + 15.0, 95.0)
+        images, roi = gt.target(idx, {"age": older})
+        true_older = REAL_COUNTERFACTUAL(store, idx, age=older)
+        measured_source, measured_older = gt.areas(source, roi, idx), gt.areas(images, roi, idx)
+        assert len(idx) >= 100
+        for s in evaluation.STRUCTURES:
+            has = roi[s].any((1, 2))
+            true = (true_older[s] - true_source[s])[has]
+            measured = (measured_older[s] - measured_source[s])[has]
+            assert has.sum() >= 30 and np.abs(true).mean() > 0, s
+            slope = np.polyfit(true, measured, 1)[0]
+            assert abs(slope - 1) < 0.1, (s, slope, has.sum())
+            assert np.corrcoef(true, measured)[0, 1] > 0.9, s
+
+
+def test_truth_on_the_real_phantom(tmp_path, phantom_store):
     """data_prep's synthetic store: truth has zero ground-truth error, identity is the floor."""
     import evaluate
     import mri.synthetic
     from models import oracle
-    from mri import prep
-    cfg = prep.PrepConfig(images=None, csv=None, out=str(tmp_path / "syn.h5"), attrs=("age", "dx"), size=32,
-                          slices=4, split=(0.5, 0.2, 0.3), workers=1, seed=2)
-    prep.build(prep.synthetic_config(cfg, 6, str(tmp_path / "volumes")), log=lambda *a: None)
-    with SliceStore(cfg.out) as store:   # an untrained oracle is enough here
+    with SliceStore(phantom_store) as store:   # an untrained oracle is enough here
         oracle.save(oracle.build(store.schema, store.size, **oracle.TINY), str(tmp_path / "oracle"))
         write_json(tmp_path / "oracle" / "config.json", {"method": "oracle", "schema": json.loads(store.schema.to_json())})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mri.synthetic, "counterfactual", REAL_COUNTERFACTUAL)
-        evaluate.main(["--store", cfg.out, "--oracle", str(tmp_path / "oracle"), "--methods", "identity,truth",
-                       "--out", str(tmp_path / "report"), "--n", "12", "--subjects", "1"])
+        evaluate.main(["--store", phantom_store, "--oracle", str(tmp_path / "oracle"), "--methods", "identity,truth",
+                       "--out", str(tmp_path / "report"), "--n", "48", "--subjects", "1", "--bootstrap", "200"])
     m = json.load(open(tmp_path / "report" / "metrics.json"))
     for attr in ("age", "dx"):
         truth = m["methods"]["truth"][attr]
         assert truth["gt_mse"] == 0 and truth["ventricles_change_error_mm2"] == 0
-        assert truth["hippocampus_change_error_mm2"] in (0, None)
-        assert m["methods"]["identity"][attr] == m["floor"][attr]
+        assert truth["hippocampus_change_error_mm2"] == 0 and truth["hippocampus_pairs"] > 0
+
+
+def test_kid_and_the_subject_bootstrap():
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(40), 10)                 # 400 pairs of 40 subjects
+    own = rng.normal(0, 1, (40, 8))[subjects]               # subject effects: pairs of a subject are alike
+    a = own + rng.normal(0, 0.5, own.shape)
+    b = rng.normal(0, 1, (40, 8))[subjects] + rng.normal(0, 0.5, own.shape)
+    boot = stats.SubjectBootstrap(subjects, 1000, seed=0)
+    w = boot.for_pairs(subjects)
+    same = stats.percentile_interval(stats.kid(a, b, w, subjects))
+    assert same[0] < 0 < same[1]
+    shifted = stats.percentile_interval(stats.kid(a + 0.5, b, w, subjects))
+    assert shifted[0] > 0
+    # weights of one resample == the estimate on that resample's copies, comparing different subjects only
+    rows = np.repeat(np.arange(len(a)), w[0].astype(int))
+    assert stats.kid(a, b, w[:1], subjects)[0] == pytest.approx(_brute_kid(a[rows], b[rows], subjects[rows]), rel=1e-9)
+    assert stats.kid(a, b, np.ones((1, len(a))), subjects)[0] == pytest.approx(stats.kid(a, b, None, subjects), rel=1e-12)
+    # the subject bootstrap is wider than treating the clustered pairs as independent
+    v = own[:, 0] + rng.normal(0, 0.1, len(own))
+    lo, hi = boot.interval(v, subjects)[1]
+    naive = 2 * 1.96 * v.std() / np.sqrt(len(v))
+    assert hi - lo > 2 * naive
+    # resampled means are the means of the resampled pairs
+    rows0 = np.repeat(np.arange(len(v)), w[0].astype(int))
+    assert boot.means(v, subjects)[0] == pytest.approx(v[rows0].mean())
+
+
+def _brute_kid(a, b, ids):
+    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3
+    other = ids[:, None] != ids[None, :]
+    return k(a, a)[other].mean() + k(b, b)[other].mean() - 2 * k(a, b).mean()
+
+
+def test_refuses_a_method_judged_by_its_own_helper_and_a_mismatched_oracle(planted, tmp_path):
+    import evaluate
+    store, oracle_dir, _ = planted
+    run = tmp_path / "runs" / "vagan"
+    write_json(run / "config.json", {"method": "fader", "args": {"regressor": oracle_dir}})
+    common = ["--store", store, "--out", str(tmp_path / "r"), "--n", "8"]
+    with pytest.raises(SystemExit, match=f"{run}.*--regressor.*is the evaluation oracle.*own helper"):
+        evaluate.main(common + ["--oracle", oracle_dir, "--methods", f"identity,{run}"])
+    with pytest.raises(SystemExit, match="not both in the store"):
+        evaluate.main(common + ["--oracle", oracle_dir, "--methods", "identity", "--attrs", "age,nosuch"])
+    small = write_planted_store(str(tmp_path / "other.h5"))
+    from models import oracle
+    with SliceStore(small) as s:
+        oracle.save(oracle.build(s.schema, 16, **oracle.TINY), str(tmp_path / "o16"))
+        write_json(tmp_path / "o16" / "config.json", {"method": "oracle", "schema": json.loads(s.schema.to_json())})
+    with pytest.raises(SystemExit, match="takes 16x16 slices.*--size 32"):
+        evaluate.main(common + ["--oracle", str(tmp_path / "o16"), "--methods", "identity"])
+
+
+def test_oracle_is_scored_on_the_test_split(planted):
+    o = metrics(planted)["oracle_test"]
+    assert o["n"] > 0 and o["subjects"] == SPLITS.count(2)
+    assert 0 <= o["dx"]["balanced_accuracy"] <= 1 and o["dx"]["chance_balanced_accuracy"] == pytest.approx(1 / 3)
+    lo, hi = o["dx"]["ci"]["balanced_accuracy"]
+    assert lo <= hi and o["age"]["mae"] > 0 and o["age"]["ci"]["mae"][0] <= o["age"]["ci"]["mae"][1]
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "train_oracle.py"])

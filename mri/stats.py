@@ -1,0 +1,88 @@
+"""Uncertainty for the evaluation: a subject-level bootstrap and the Kernel Inception Distance.
+
+Slices of one subject are not independent (they share anatomy, and a method's error on one subject repeats on
+every slice of it), so intervals come from resampling test *subjects* with replacement (Efron & Tibshirani
+1993, the cluster bootstrap), never slices. Per-pair scores are computed once; a resample only re-weights them:
+the resample's mean of a metric is sum_s c_s S_s / sum_s c_s N_s, with c_s the number of times subject s was
+drawn, S_s the sum of its pairs' scores and N_s their number. 95 % intervals are the 2.5 and 97.5 percentiles
+of the resampled means (percentile bootstrap). A paired difference (method - reference on the same pairs) is
+bootstrapped the same way, from the per-pair differences, with the same resamples.
+"""
+import numpy as np
+
+LEVEL = 0.95
+
+
+class SubjectBootstrap:
+    """`n_boot` seeded resamples of the subjects `groups` (one label per pair) with replacement."""
+
+    def __init__(self, groups, n_boot=1000, seed=0):
+        self.subjects, self.inverse = np.unique(np.asarray(groups), return_inverse=True)
+        k = len(self.subjects)
+        rng = np.random.default_rng([seed, 7])
+        self.counts = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot).astype(np.float64)   # (B, k)
+        self.n_boot = n_boot
+
+    def for_pairs(self, pair_groups):
+        """Resample weights (B, P) of pairs labelled by subject (every label must be one of `groups`)."""
+        rows = np.searchsorted(self.subjects, np.asarray(pair_groups))
+        if not np.array_equal(self.subjects[np.minimum(rows, len(self.subjects) - 1)], np.asarray(pair_groups)):
+            raise ValueError("pairs of subjects the bootstrap was not drawn for")
+        return self.counts[:, rows]
+
+    def means(self, values, pair_groups):
+        """Resampled means (B,) of per-pair values (NaN = no score for that pair, left out)."""
+        v = np.asarray(values, np.float64)
+        ok = ~np.isnan(v)
+        rows = np.searchsorted(self.subjects, np.asarray(pair_groups)[ok])
+        k = len(self.subjects)
+        sums = np.bincount(rows, v[ok], minlength=k)
+        n = np.bincount(rows, minlength=k).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self.counts @ sums) / (self.counts @ n)
+
+    def interval(self, values, pair_groups):
+        """(mean, [low, high]) of per-pair values; (None, None) when no pair has a score."""
+        v = np.asarray(values, np.float64)
+        if np.isnan(v).all():
+            return None, None
+        return float(np.nanmean(v)), percentile_interval(self.means(v, pair_groups))
+
+
+def percentile_interval(samples, level=LEVEL):
+    s = np.asarray(samples, np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return None
+    lo, hi = np.percentile(s, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+# --- Kernel Inception Distance -------------------------------------------------------------------------------
+def polynomial_kernel(a, b):
+    """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018)."""
+    return (np.asarray(a, np.float64) @ np.asarray(b, np.float64).T / a.shape[1] + 1.0) ** 3
+
+
+def kid(a, b, weights=None, groups=None, ref_groups=None):
+    """Unbiased squared MMD between feature sets a (P, d) and b (P, d) with the cubic polynomial kernel (KID).
+
+    Pair p is (a[p], b[p]): a manipulated slice and its real reference. The within-set terms average k over
+    pairs of samples from *different subjects* (`groups`: the pair's source subject; for b also `ref_groups`,
+    the reference's own subject; without groups, over different samples), as slices of one subject are not
+    independent draws; the cross term averages over all (i, j). With `weights` (B, P) (bootstrap counts: pair
+    p drawn w_p times) it returns the (B,) values of the weighted statistic, so a subject drawn twice is never
+    compared with itself; with weights = 1 (or None) it is the plain estimate."""
+    kaa, kbb, kab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
+    w = np.ones((1, len(a))) if weights is None else np.asarray(weights, np.float64)
+    g = np.arange(len(a)) if groups is None else np.asarray(groups)
+    h = g if ref_groups is None else np.asarray(ref_groups)
+    other_a = g[:, None] != g[None, :]
+    other_b = other_a & (h[:, None] != h[None, :])
+
+    def within(k, other):
+        return ((w @ (k * other)) * w).sum(1) / ((w @ other) * w).sum(1)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = within(kaa, other_a) + within(kbb, other_b) - 2 * ((w @ kab) * w).sum(1) / w.sum(1) ** 2
+    return float(out[0]) if weights is None else out
