@@ -9,6 +9,7 @@ import argparse
 
 from models import cgan
 from mri import training
+from mri.io import exit_on
 
 
 def parse_args(argv=None):
@@ -19,13 +20,17 @@ def parse_args(argv=None):
     p.add_argument("--filters", type=int, default=64, help="feature maps at half size (64: up to 1024)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (D, G, encoders)")
     p.add_argument("--laplacian", action="store_true", help="give G a real slice's Laplacian (its shape)")
+    p.add_argument("--wrong", choices=cgan.WRONG, default="real",
+                   help="D's mismatched conditions: real, another train slice's attributes with another diagnosis; "
+                        "group-means, another diagnosis with that group's mean attributes (models/cgan.py)")
     return training.parse(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     batches, val, run = training.start_run(args, "cgan", growable=("epochs", "encoder_epochs"))
-    model = cgan.from_args(vars(args), batches.schema, wrong_means=cgan.group_means(batches.schema, batches.y))
+    with exit_on(ValueError):   # --wrong real on a train split with one diagnosis
+        model = cgan.from_args(vars(args), batches.schema, train_y=batches.y)
     cgan.compile_from_args(model, vars(args))
     training.fit(model, batches, run, args, val, epochs=args.epochs + args.encoder_epochs,
                  callbacks=[cgan.PhaseSwitch(args.epochs)])

@@ -14,7 +14,20 @@ Widths follow DCGAN: `filters` maps at half the image size, doubling at each hal
   a logit. The condition, tiled to the image size, goes through Conv + ReLU to half size and is concatenated
   with D's first features.
 - E_z, E_y: D's convolution stack without the condition, then a linear layer to z or to y's logits.
-Training has two phases, recorded in the non-trainable `phase` variable: 0 the GAN, 1 the encoders.
+
+Training has two phases, recorded in the non-trainable `phase` variable (D outputs logits s, sigma the sigmoid;
+s_r = D(x, y), s_w = D(x, y_w), s_f = D(G(z, y), y) for real slices x with their encoded attributes y):
+    phase 0  D    minimises  -log sigma(s_r) - (log(1 - sigma(s_w)) + log(1 - sigma(s_f))) / 2     GAN-CLS
+             G    minimises  -log sigma(D(G(z', y), y))                                            fresh z'
+    phase 1  E_z  minimises  |E_z(G(z, y)) - z|^2        E_y minimises  l(y, E_y(x))   (l = schema.loss; G fixed)
+The wrong conditions y_w (--wrong) are drawn with the model's seed generator inside the step:
+    real         y_w = y_j, the encoded attributes of train slice j, drawn uniformly among the train slices
+    (default)    whose key attribute differs from x's; key = the first categorical attribute (the diagnosis),
+                 else the first binary one. y_w is a real, jointly plausible vector: D can only reject
+                 (x, y_w) by matching it against the image, not from y_w alone.
+    group-means  the diagnosis (first categorical attribute) moved to another class drawn uniformly, the other
+                 attributes set to that class's train mean (fractional binary values: D can spot them from y_w).
+With no key attribute (all continuous; for group-means, no categorical one) y_w = schema.flip(y).
 """
 
 import keras
@@ -79,9 +92,40 @@ def encoder(size, out_dim, filters=64, max_filters=1024, name="encoder"):
     return keras.Model(x, layers.Dense(out_dim)(conv_stack(x, size, filters, max_filters)), name=name)
 
 
+WRONG = ("real", "group-means")   # --wrong: how the mismatched conditions y_w are drawn (module docstring)
+
+
 def diagnosis(schema):
-    """The attribute whose classes the wrong conditions move between: the first categorical one, or None."""
+    """The attribute whose classes group-means wrong conditions move between: the first categorical one, or None."""
     return next((a for a in schema.attributes if a.kind == "categorical"), None)
+
+
+def key(schema):
+    """The attribute real wrong conditions differ in: the first categorical one, else the first binary one,
+    else None."""
+    return diagnosis(schema) or next((a for a in schema.attributes if a.kind == "binary"), None)
+
+
+def classes(schema, attribute, y):
+    """The class of `attribute` (categorical or binary) in encoded vectors `y` (keras ops): (N,) int32."""
+    s = schema.slices[attribute.name]
+    c = ops.argmax(y[:, s], axis=1) if attribute.kind == "categorical" else y[:, s.start] > 0.5
+    return ops.cast(c, "int32")
+
+
+def real_table(schema, y):
+    """The train split's encoded attributes `y` sorted by key class, with each class's first row and row count:
+    (rows (M, width), starts (K,), counts (K,)). None if the schema has no key attribute."""
+    a = key(schema)
+    if a is None:
+        return None
+    labels = np.asarray(classes(schema, a, y))
+    counts = np.bincount(labels, minlength=a.width if a.kind == "categorical" else 2).astype(np.int32)
+    if (counts == len(y)).any():
+        raise ValueError(f"every train slice has the same {a.name!r}: --wrong real needs two classes of it "
+                         "(use --wrong group-means)")
+    order = np.argsort(labels, kind="stable")
+    return np.asarray(y, np.float32)[order], (np.cumsum(counts) - counts).astype(np.int32), counts
 
 
 def group_means(schema, y):
@@ -102,15 +146,20 @@ def bce(target, logits):
 
 
 class CGAN(keras.Model):
-    """IcGAN on 2D slices. `wrong_means`: group_means() of the train split, for the mismatched conditions
-    (None: schema.flip); only training uses it."""
+    """IcGAN on 2D slices. `train_y`: the train split's encoded attributes, from which the mismatched conditions
+    are drawn as `wrong` says ("real" or "group-means", see the module docstring); only training uses them
+    (None: schema.flip)."""
 
     def __init__(self, schema, size=128, z_dim=100, filters=64, max_filters=1024, laplacian=False,
-                 wrong_means=None, seed=0, **kwargs):
+                 wrong="real", train_y=None, seed=0, **kwargs):
         super().__init__(**kwargs)
         if size < 16 or size & (size - 1):
             raise ValueError(f"image size must be a power of two >= 16, got {size}")
-        self.schema, self.z_dim, self.laplacian, self.wrong_means = schema, z_dim, laplacian, wrong_means
+        if wrong not in WRONG:
+            raise ValueError(f"wrong conditions must be one of {WRONG}, got {wrong!r}")
+        self.schema, self.z_dim, self.laplacian, self.wrong = schema, z_dim, laplacian, wrong
+        table = real_table if wrong == "real" else group_means
+        self.wrong_table = None if train_y is None else table(schema, train_y)
         self.generator = generator(size, z_dim, schema.width, filters, max_filters, laplacian)
         self.discriminator = discriminator(size, schema.width, filters, max_filters)
         self.encoder_z = encoder(size, z_dim, filters, max_filters, name="encoder_z")
@@ -146,14 +195,22 @@ class CGAN(keras.Model):
         return keras.random.normal((n, self.z_dim), seed=self.seed_generator)
 
     def wrong_conditions(self, y):
-        """Mismatched conditions: the diagnosis moved to another class, the other attributes set to that
-        group's train-split means (schema.flip when there is no categorical attribute or no means)."""
-        if self.wrong_means is None:
+        """Mismatched conditions y_w for the real slices of conditions `y` (module docstring)."""
+        if self.wrong_table is None:
             return self.schema.flip(y, self.seed_generator)
-        k = len(self.wrong_means)
-        current = ops.argmax(y[:, self.schema.slices[diagnosis(self.schema).name]], axis=1)
-        shift = keras.random.randint(ops.shape(current), 1, k, seed=self.seed_generator)
-        return ops.take(ops.convert_to_tensor(self.wrong_means), (current + ops.cast(shift, current.dtype)) % k, axis=0)
+        if self.wrong == "group-means":
+            k = len(self.wrong_table)
+            current = classes(self.schema, diagnosis(self.schema), y)
+            shift = keras.random.randint(ops.shape(current), 1, k, seed=self.seed_generator, dtype="int32")
+            return ops.take(ops.convert_to_tensor(self.wrong_table), (current + shift) % k, axis=0)
+        rows, starts, counts = (ops.convert_to_tensor(t) for t in self.wrong_table)
+        current = classes(self.schema, key(self.schema), y)
+        start, count = ops.take(starts, current), ops.take(counts, current)
+        # j uniform over the rows of the other classes: those before x's class block, then those after it
+        others = len(self.wrong_table[0]) - count
+        u = keras.random.uniform(ops.shape(current), seed=self.seed_generator)
+        j = ops.minimum(ops.cast(u * ops.cast(others, u.dtype), "int32"), others - 1)
+        return ops.take(rows, ops.where(j < start, j, j + count), axis=0)
 
     def train_step(self, data):
         """One GAN step in phase 0, one encoder step in phase 1. Logs every loss (the idle phase's are 0)."""
@@ -163,8 +220,12 @@ class CGAN(keras.Model):
         return {"phase": self.phase, **{m.name: m.result() for m in self.metrics}}
 
     def gan_step(self, x, y):
-        """Matching-aware (GAN-CLS): with s_r = D(x, y), s_w = D(x, y_wrong), s_f = D(G(z, y), y),
-        D maximises log s_r + (log(1 - s_w) + log(1 - s_f)) / 2, then G maximises log s_f (fresh z)."""
+        """Matching-aware (GAN-CLS, module docstring): a D step, then a G step with fresh noise."""
+        self.d_loss_tracker.update_state(self.d_step(x, y))
+        self.g_loss_tracker.update_state(self.g_step(x, y))
+
+    def d_step(self, x, y):
+        """D minimises -log sigma(s_r) - (log(1 - sigma(s_w)) + log(1 - sigma(s_f))) / 2; returns that loss."""
         n = ops.shape(x)[0]
         y_wrong = self.wrong_conditions(y)
         fake = self.generate(self.noise(n), y, x, training=True)
@@ -175,13 +236,16 @@ class CGAN(keras.Model):
             d_loss = bce(1.0, s_r) + (bce(0.0, s_w) + bce(0.0, s_f)) / 2
         weights = self.discriminator.trainable_variables
         self.d_optimizer.apply(tape.gradient(d_loss, weights), weights)
-        z = self.noise(n)
+        return d_loss
+
+    def g_step(self, x, y):
+        """G minimises -log sigma(D(G(z, y), y)) for fresh noise z; returns that loss."""
+        z = self.noise(ops.shape(x)[0])
         with tf.GradientTape() as tape:
             g_loss = bce(1.0, self.discriminator([self.generate(z, y, x, training=True), y], training=True))
         weights = self.generator.trainable_variables
         self.g_optimizer.apply(tape.gradient(g_loss, weights), weights)
-        self.d_loss_tracker.update_state(d_loss)
-        self.g_loss_tracker.update_state(g_loss)
+        return g_loss
 
     def encoder_step(self, x, y):
         """IcGAN encoders, G frozen: E_z minimises ||E_z(G(z, y)) - z||^2 on generated pairs,
@@ -225,10 +289,13 @@ class PhaseSwitch(keras.callbacks.Callback):
         self.model.phase.assign(int(epoch >= self.gan_epochs))
 
 
-def from_args(args, schema, wrong_means=None):
-    """The (uncompiled) model of a train_cgan.py argument dict, e.g. a run's config.json "args"."""
+def from_args(args, schema, train_y=None):
+    """The (uncompiled) model of a train_cgan.py argument dict, e.g. a run's config.json "args"; `train_y`, the
+    train split's encoded attributes, is only needed to train. A config without "wrong" was written before
+    --wrong existed, when the wrong conditions were group means."""
     return CGAN(schema, args["size"], args["z_dim"], TINY_FILTERS if args["tiny"] else args["filters"],
-                laplacian=args["laplacian"], wrong_means=wrong_means, seed=args["seed"])
+                laplacian=args["laplacian"], wrong=args.get("wrong", "group-means"), train_y=train_y,
+                seed=args["seed"])
 
 
 def compile_from_args(model, args):
