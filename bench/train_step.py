@@ -1,6 +1,7 @@
 """Throughput of one full training iteration of a method, and how close it gets to the machine's matmul speed.
 
     python bench/train_step.py --method fader [--batch-size 32 --size 128 --repeats 7 --clf off|on|both]
+    python bench/train_step.py --method vagan [--n-filters 16]
 
 Prints the machine, the fp32 matmul speed measured in this process (4096x4096 tf.matmul in a tf.function,
 median of 7) and, per configuration, images/s of the compiled train step (Keras' own train function, the one
@@ -100,10 +101,11 @@ def cgan(args):
     encoder step."""
     from models import cgan as method
     schema, x, y = example_batch(args)
-    config = dict(size=args.size, z_dim=100, filters=64, tiny=False, laplacian=False, seed=0, lr=1e-4, jit=args.jit)
+    config = dict(size=args.size, z_dim=100, filters=64, tiny=False, laplacian=False, wrong="real", seed=0, lr=1e-4,
+                  jit=args.jit)
     out = []
     for phase, label in enumerate(("GAN step", "encoder step")):
-        model = method.compile_from_args(method.from_args(config, schema, method.group_means(schema, y)), config)
+        model = method.compile_from_args(method.from_args(config, schema, train_y=y), config)
         model.phase.assign(phase)
         g, d, ez, ey = (forward_flops(n) for n in (model.generator, model.discriminator, model.encoder_z,
                                                    model.encoder_y))
@@ -114,7 +116,22 @@ def cgan(args):
     return out
 
 
-BUILDERS = {"fader": fader, "cgan": cgan}
+def vagan(args):
+    """VA-GAN at train_vagan's defaults (U-Net 16..128, critic 16..256, a default-size oracle as the frozen
+    regressor): one generator iteration with its 5 critic steps (the schedule's steady state)."""
+    from models import oracle, vagan as method
+    schema, x, y = example_batch(args)
+    regressor = (oracle.build(schema, args.size), schema)
+    model = method.VAGAN(schema, args.size, args.n_filters, regressor, n_critic=5, n_critic_long=5)
+    method.compile_from_args(model, dict(lr=1e-4, jit=args.jit))
+    g, d, r = (forward_flops(n) for n in (model.generator, model.critic, regressor[0]))
+    # per critic step: G forward (1x), D trained on real and changed slices (2 x 3x), the gradient penalty (D
+    # forward, its input gradient and that gradient's back-propagation: ~5x); then G trained (3x) through D and
+    # the regressor (2x each)
+    return [("generator iteration (5 critic steps)", model, (x, y), 5 * (g + 11 * d) + 3 * g + 2 * d + 2 * r)]
+
+
+BUILDERS = {"fader": fader, "cgan": cgan, "vagan": vagan}
 
 
 def images_per_second(model, batch, repeats, iterations, warmup=3):
@@ -143,7 +160,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed runs (at least 5); the median is reported")
     p.add_argument("--iterations", type=int, default=3, help="train steps per timed run")
     p.add_argument("--clf", choices=["off", "on", "both"], default="both", help="fader: classifier discriminator")
-    p.add_argument("--n-filters", type=int, default=16, help="fader: feature maps of the first layer")
+    p.add_argument("--n-filters", type=int, default=16, help="fader, vagan: feature maps of the first layer")
     p.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="XLA, as train_*.py --jit")
     args = p.parse_args(argv)
     if args.repeats < 5:

@@ -1,0 +1,283 @@
+"""Visual Attribution GAN (Baumgartner et al., CVPR 2018), conditioned on attributes as in the report: a U-Net
+M(x, y) learns only the change of a slice towards target attributes y, an additive map.
+
+Networks (f = filters, 16 in the reference):
+    M  [x, tile(y)] -> map logits    U-Net: (conv3x3-BN-ReLU x2) at f, 2f, 4f, 8f maps with 3 max-poolings;
+                                     up: ConvTranspose 4x4 stride 2 to f maps + BN + ReLU, concatenated with the
+                                     skip, conv3x3-BN-ReLU x2 at the skip's width; conv3x3 -> 1, linear. y enters
+                                     at the input only (not in the skips).
+    D  x [, tile(y)] -> score        WGAN critic, no normalisation: conv3x3-ReLU f | pool | 2f | pool | 4f,4f |
+                                     pool | 8f,8f | pool | 16f x3, conv1x1 -> 1, spatial mean. `conditional`: the
+                                     critic also sees the attributes (real slices with theirs, changed ones with
+                                     their targets).
+    R  x -> attribute logits         a frozen train_oracle.py run (inference mode), the auxiliary regressor.
+
+Output bounding: t = tanh(m) in (-1, 1) moves each pixel the fraction t of the way to the range's end,
+    x' = x + t (1 - x)  (t >= 0),   x' = x + t (1 + x)  (t < 0),
+so x' stays in [-1, 1], reaches any value in it, and m = 0 returns x exactly (the reference's tanh(x + M)
+changes a zero-map image: tanh(x) != x). The map is x' - x.
+
+One iteration (y_t = targets(y): the batch's attribute vectors permuted, or one attribute flipped per slice;
+l = schema.loss; e uniform per slice; everything batch means):
+    D  minimises  D(x') - D(x) + lambda_gp (||grad D(x^)||_2 - 1)^2       n_critic(step) times, fresh y_t each;
+                  x^ = e x + (1 - e) x' (interpolates) or x' (--gp-at changed); the norm over all image axes
+    M  minimises  -D(x') + lambda_map |x' - x| + lambda_aux l(y_t, R(x'))
+n_critic(step) = n_critic_long for the first critic_warmup steps and every critic_retune-th, else n_critic.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from models.layers import FusedAdam, batch_norm, tile
+from mri import training
+
+TARGETS = ("permute", "one")
+GP_AT = ("interpolates", "changed")
+TINY_FILTERS = 4
+
+
+def conv(h, filters, norm=True):
+    h = layers.Conv2D(filters, 3, padding="same", use_bias=not norm, kernel_initializer="he_normal")(h)
+    return layers.ReLU()(batch_norm()(h) if norm else h)
+
+
+def map_generator(size, y_dim, filters=16, levels=3):
+    x, y = keras.Input((size, size, 1), name="image"), keras.Input((y_dim,), name="target")
+    h, skips = layers.Concatenate()([x, tile(y, size)]), []
+    for i in range(levels):
+        h = conv(conv(h, filters * 2 ** i), filters * 2 ** i)
+        skips.append(h)
+        h = layers.MaxPooling2D()(h)
+    h = conv(conv(h, filters * 2 ** levels), filters * 2 ** levels)
+    for skip in reversed(skips):
+        h = layers.Conv2DTranspose(filters, 4, 2, "same", use_bias=False)(h)
+        h = layers.Concatenate()([layers.ReLU()(batch_norm()(h)), skip])
+        h = conv(conv(h, skip.shape[-1]), skip.shape[-1])
+    return keras.Model([x, y], layers.Conv2D(1, 3, padding="same")(h), name="map_generator")
+
+
+def critic(size, y_dim=0, filters=16):
+    x = keras.Input((size, size, 1), name="image")
+    inputs, h = [x], x
+    if y_dim:
+        y = keras.Input((y_dim,), name="attributes")
+        inputs, h = [x, y], layers.Concatenate()([x, tile(y, size)])
+    for i, repeats in enumerate((1, 1, 2, 2, 3)):
+        for _ in range(repeats):
+            h = conv(h, filters * 2 ** i, norm=False)
+        h = layers.MaxPooling2D()(h) if i < 4 else h
+    score = layers.GlobalAveragePooling2D()(layers.Conv2D(1, 1)(h))
+    return keras.Model(inputs, score, name="critic")
+
+
+def bound(x, m):
+    """x' = x + t(1 - x) for t = tanh(m) >= 0, x + t(1 + x) below: in [-1, 1], and x itself for m = 0."""
+    t = ops.tanh(m)
+    return x + ops.where(t >= 0, t * (1.0 - x), t * (1.0 + x))
+
+
+def regressor_adapter(schema, regressor_schema):
+    """(columns, scale, offset) turning the regressor's logits into logits of `schema`'s encoding:
+    logits[:, columns] * scale + offset (continuous attributes re-standardised to this schema's mean and
+    std; class logits unchanged). A clear error if the regressor does not predict an attribute."""
+    missing = [n for n in schema.names if n not in regressor_schema.names]
+    if missing:
+        raise ValueError(f"the regressor does not predict {missing} (it predicts {regressor_schema.names}); "
+                         "train one with train_oracle.py --attrs covering the conditioned attributes")
+    columns, scale, offset = [], [], []
+    for a in schema.attributes:
+        r = regressor_schema[a.name]
+        if r.kind != a.kind or list(r.classes or []) != list(a.classes or []):
+            raise ValueError(f"attribute {a.name!r}: the regressor has {r.kind} {r.classes or ''}, the store "
+                             f"{a.kind} {a.classes or ''}")
+        s = regressor_schema.slices[a.name]
+        columns += list(range(s.start, s.stop))
+        k = r.std / a.std if a.kind == "continuous" else 1.0
+        scale += [k] * a.width
+        offset += [(r.mean - a.mean) / a.std if a.kind == "continuous" else 0.0] * a.width
+    return np.array(columns), np.float32(scale), np.float32(offset)
+
+
+class Frozen:
+    """The frozen regressor and its adapter, held outside Keras' tracking: it is not part of the model's
+    variables, so a checkpoint holds only M, D and the training state, and inference needs no regressor."""
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter = model, adapter
+
+
+class VAGAN(keras.Model):
+    """VA-GAN with a conditioned map generator, a WGAN-GP critic (conditional or not) and a frozen regressor.
+    `regressor` = (keras model, its schema) or None (no auxiliary term)."""
+
+    def __init__(self, schema, size=128, filters=16, regressor=None, critic_mode="unconditional",
+                 targets="permute", gp_at="interpolates", lambda_gp=10.0, lambda_map=100.0, lambda_aux=1.0,
+                 n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if size % 16:
+            raise ValueError(f"image size must be a multiple of 16 (the critic pools 4 times), got {size}")
+        if targets not in TARGETS or gp_at not in GP_AT or critic_mode not in ("unconditional", "conditional"):
+            raise ValueError(f"targets in {TARGETS}, gp_at in {GP_AT}, critic_mode unconditional|conditional")
+        self.schema, self.targets, self.gp_at, self.conditional = schema, targets, gp_at, critic_mode == "conditional"
+        self.lambda_gp, self.lambda_map, self.lambda_aux = lambda_gp, lambda_map, lambda_aux
+        self.schedule = (n_critic, n_critic_long, critic_warmup, critic_retune)
+        self.generator = map_generator(size, schema.width, filters)
+        self.critic = critic(size, schema.width if self.conditional else 0, filters)
+        self.frozen = None
+        if regressor is not None:
+            regressor[0].trainable = False
+            self.frozen = Frozen(regressor[0], regressor_adapter(schema, regressor[1]))
+        # attribute -> its columns, to flip one attribute per slice (targets "one")
+        self.attribute_columns = np.stack([np.isin(np.arange(schema.width), np.arange(schema.width)[schema.slices[n]])
+                                           for n in schema.names]).astype(np.float32)
+        self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in
+                         ("critic", "wasserstein", "gp", "generator", "map_l1", "aux", "n_critic")}
+        self.built = True
+
+    def compile(self, g_optimizer, d_optimizer, jit_compile=False):
+        super().compile(optimizer=None, jit_compile=jit_compile)
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        g_optimizer.build(self.generator.trainable_weights)
+        d_optimizer.build(self.critic.trainable_weights)
+
+    @property
+    def optimizers(self):
+        return {"g": self.g_optimizer, "d": self.d_optimizer}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def n_critic(self, step):
+        """Critic steps before generator step `step` (the reference's schedule)."""
+        short, long, warmup, retune = self.schedule
+        return ops.where((step < warmup) | (step % retune == 0), long, short)
+
+    def change(self, x, y, training=False):
+        """(x', map x' - x) of images x at encoded target attributes y."""
+        changed = bound(x, self.generator([x, y], training=training))
+        return changed, changed - x
+
+    def call(self, inputs, training=False):
+        return self.change(*inputs, training=training)[0]
+
+    def draw_targets(self, y):
+        """y_t: the batch's vectors permuted (the report), or one attribute per slice given another value."""
+        if self.targets == "permute":
+            return ops.take(y, keras.random.shuffle(ops.arange(ops.shape(y)[0]), seed=self.seed_generator), axis=0)
+        which = keras.random.randint((ops.shape(y)[0],), 0, len(self.schema.names), seed=self.seed_generator)
+        mask = ops.take(ops.convert_to_tensor(self.attribute_columns), which, axis=0)
+        return mask * self.schema.flip(y, self.seed_generator) + (1.0 - mask) * y
+
+    def score(self, x, y):
+        return self.critic([x, y] if self.conditional else x, training=True)
+
+    def gradient_penalty(self, x, changed, y_t):
+        """mean (||grad_x D(x^)||_2 - 1)^2, the norm over all image axes; x^ between x and x', or x'."""
+        x, changed = ops.convert_to_tensor(x), ops.convert_to_tensor(changed)
+        if self.gp_at == "changed":
+            point = changed
+        else:
+            e = keras.random.uniform((ops.shape(x)[0], 1, 1, 1), seed=self.seed_generator)
+            point = e * x + (1.0 - e) * changed
+        with tf.GradientTape() as tape:
+            tape.watch(point)
+            d = self.score(point, y_t)
+        g = tape.gradient(d, point)
+        return ops.mean(ops.square(ops.sqrt(ops.sum(ops.square(g), axis=(1, 2, 3)) + 1e-12) - 1.0))
+
+    def critic_step(self, x, y):
+        """D minimises D(x') - D(x) + lambda_gp GP; returns (loss, Wasserstein estimate, GP)."""
+        y_t = self.draw_targets(y)
+        changed = ops.stop_gradient(self.change(x, y_t, training=True)[0])
+        with tf.GradientTape() as tape:
+            w = ops.mean(self.score(x, y)) - ops.mean(self.score(changed, y_t))
+            gp = self.gradient_penalty(x, changed, y_t)
+            loss = -w + self.lambda_gp * gp
+        weights = self.critic.trainable_weights
+        self.d_optimizer.apply(tape.gradient(loss, weights), weights)
+        return loss, w, gp
+
+    def aux_loss(self, changed, y_t):
+        columns, scale, offset = self.frozen.adapter
+        logits = ops.take(self.frozen.model(changed, training=False), columns, axis=1) * scale + offset
+        return self.schema.loss(y_t, logits)
+
+    def generator_step(self, x, y):
+        """M minimises -D(x') + lambda_map |x' - x| + lambda_aux l(y_t, R(x')); returns the three terms."""
+        y_t = self.draw_targets(y)
+        with tf.GradientTape() as tape:
+            changed, m = self.change(x, y_t, training=True)
+            adv = -ops.mean(self.score(changed, y_t))
+            l1 = ops.mean(ops.abs(m))
+            aux = self.aux_loss(changed, y_t) if self.frozen is not None else ops.zeros(())
+            loss = adv + self.lambda_map * l1 + self.lambda_aux * aux
+        weights = self.generator.trainable_weights
+        self.g_optimizer.apply(tape.gradient(loss, weights), weights)
+        return adv, l1, aux
+
+    def train_step(self, data):
+        """n_critic(step) critic steps on the batch (fresh targets each), then one generator step."""
+        x, y = data
+        n = self.n_critic(self.step)
+
+        def critic_iteration(i):
+            loss, w, gp = self.critic_step(x, y)
+            for name, v in (("critic", loss), ("wasserstein", w), ("gp", gp)):
+                self.trackers[name].update_state(v)
+            return (i + 1,)
+
+        tf.while_loop(lambda i: i < n, critic_iteration, [ops.zeros((), n.dtype)])
+        adv, l1, aux = self.generator_step(x, y)
+        for name, v in (("generator", adv), ("map_l1", l1), ("aux", aux), ("n_critic", ops.cast(n, "float32"))):
+            self.trackers[name].update_state(v)
+        self.step.assign_add(1)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        """x + M(x, target) (bounded); slices whose target equals their source are returned unchanged."""
+        x = np.asarray(images, np.float32)
+        y_s, y_t = self.schema.encode(source_attrs), self.schema.encode(target_attrs)
+        out = np.asarray(self.change(ops.convert_to_tensor(x), ops.convert_to_tensor(y_t))[0])
+        same = np.all(y_s == y_t, axis=1).reshape(-1, *[1] * (x.ndim - 1))
+        return np.where(same, x, out)
+
+    def maps(self, images, target_attrs):
+        """The change maps x' - x at the target attributes (raw values)."""
+        x = ops.convert_to_tensor(np.asarray(images, np.float32))
+        return np.asarray(self.change(x, ops.convert_to_tensor(self.schema.encode(target_attrs)))[1])
+
+    by_construction = ("reconstruction_mse", "composition_l1")
+
+
+def load_regressor(run_dir, size):
+    """A train_oracle.py run as the frozen auxiliary regressor: (keras model, schema)."""
+    from models.oracle import load_oracle
+    oracle = load_oracle(run_dir)
+    if oracle.size != size:
+        raise ValueError(f"the regressor {run_dir} takes {oracle.size}x{oracle.size} slices, the store {size}x{size}")
+    return oracle.model, oracle.schema
+
+
+def from_args(args, schema, regressor=True):
+    """The (uncompiled) model of a train_vagan.py argument dict (a run's config.json "args"); the regressor is
+    loaded from args["regressor"] only to train (regressor=False for inference)."""
+    reg = load_regressor(args["regressor"], args["size"]) if regressor and args.get("regressor") else None
+    return VAGAN(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"], reg, args["critic"],
+                 args["targets"], args["gp_at"], args["lambda_gp"], args["lambda_map"], args["lambda_aux"],
+                 args["n_critic"], args["n_critic_long"], args["critic_warmup"], args["critic_retune"], args["seed"])
+
+
+def compile_from_args(model, args):
+    """Adam(lr, betas (0, 0.9)) for M and D, as the reference."""
+    model.compile(FusedAdam(args["lr"], beta_1=0.0, beta_2=0.9), FusedAdam(args["lr"], beta_1=0.0, beta_2=0.9),
+                  jit_compile=training.jit_compile(args["jit"]))
+    return model
+
+
+def from_run(run_dir):
+    """A trained run, ready for manipulate() (the regressor is not needed)."""
+    return training.load_run(run_dir, lambda args, schema: from_args(args, schema, regressor=False))

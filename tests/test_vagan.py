@@ -1,0 +1,175 @@
+"""VA-GAN: the gradient penalty, the output bounding, the critic schedule, a toy where the map must learn a local
+change, exact resume through train_vagan.main, every attribute kind, and the regressor's checks."""
+import numpy as np
+import pytest
+
+from conftest import read_checkpoint, read_log
+from mri.attributes import Attribute, Schema
+
+TINY = ["--attrs", "age,dx,sex", "--tiny", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "3",
+        "--n-critic", "2", "--n-critic-long", "3", "--critic-warmup", "1", "--critic-retune", "3"]
+
+
+@pytest.fixture(scope="module")
+def regressor(store_path, tmp_path_factory):
+    import train_oracle
+    out = str(tmp_path_factory.mktemp("vagan_regressor") / "reg")
+    train_oracle.main(["--store", store_path, "--attrs", "age,dx,sex", "--out", out, "--tiny", "--epochs", "1",
+                       "--steps-per-epoch", "5", "--batch-size", "8", "--seed", "4"])
+    return out
+
+
+def train(store_path, regressor, out, *flags):
+    import train_vagan
+    return train_vagan.main(["--store", store_path, "--regressor", regressor, "--out", str(out), *TINY, *flags])
+
+
+@pytest.fixture(scope="module")
+def run4(store_path, regressor, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vagan_run") / "four"
+    return str(out), train(store_path, regressor, out, "--epochs", "4").model
+
+
+def schema1():
+    return Schema([Attribute("score", "continuous").fit(np.linspace(0, 1, 11))])
+
+
+def test_gradient_penalty_of_a_linear_critic(tmp_path):
+    """D(x) = sum(w x): its gradient is w everywhere, so GP = (||w||_2 - 1)^2 over all image axes."""
+    import keras
+    from models import vagan
+    model = vagan.VAGAN(schema1(), size=16, filters=2)
+    x = keras.Input((16, 16, 1))
+    model.critic = keras.Model(x, keras.layers.Dense(1, use_bias=False)(keras.layers.Flatten()(x)))
+    w = np.random.default_rng(0).normal(0, 0.05, (256, 1)).astype(np.float32)
+    model.critic.set_weights([w])
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 16, 16, 1)).astype(np.float32)
+    changed = np.clip(images + 0.1, -1, 1)
+    y = np.zeros((3, 1), np.float32)
+    expected = (np.linalg.norm(w) - 1) ** 2
+    for gp_at in vagan.GP_AT:
+        model.gp_at = gp_at
+        assert float(model.gradient_penalty(images, changed, y)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_zero_map_returns_the_input_and_the_map_reaches_the_whole_range():
+    from models import vagan
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+    x[:, 0] = -1.0      # background
+    np.testing.assert_array_equal(np.asarray(vagan.bound(x, np.zeros_like(x))), x)
+    hi, lo = np.asarray(vagan.bound(x, np.full_like(x, 20.0))), np.asarray(vagan.bound(x, np.full_like(x, -20.0)))
+    np.testing.assert_allclose(hi, 1.0, atol=1e-6)
+    np.testing.assert_allclose(lo, -1.0, atol=1e-6)
+    some = np.asarray(vagan.bound(x, np.random.default_rng(1).normal(0, 3, x.shape).astype(np.float32)))
+    assert some.min() >= -1 and some.max() <= 1
+    # a generator whose last layer is zero changes nothing
+    model = vagan.VAGAN(schema1(), size=16, filters=2)
+    last = model.generator.layers[-1]
+    last.set_weights([np.zeros_like(v) for v in last.get_weights()])
+    y = {"score": np.array([0.0, 1.0])}
+    np.testing.assert_array_equal(model.manipulate(x, {"score": np.array([1.0, 0.0])}, y), x)
+
+
+def test_critic_schedule():
+    from models import vagan
+    model = vagan.VAGAN(schema1(), size=16, filters=2, n_critic=5, n_critic_long=100, critic_warmup=25,
+                        critic_retune=100)
+    n = lambda s: int(model.n_critic(np.int64(s)))
+    assert [n(s) for s in (0, 1, 24, 25, 26, 99, 100, 101, 200, 250)] == [100, 100, 100, 5, 5, 5, 100, 5, 100, 5]
+
+
+def test_toy_map_learns_the_local_change():
+    """32x32 smooth noise with a central 8x8 square of intensity s (the score). The frozen regressor reads s;
+    VA-GAN must change the square to reach permuted target scores: the regressor's error on the changed images
+    drops below half of that on the inputs, and the map is concentrated inside the square."""
+    import keras
+    import tensorflow as tf
+    from scipy import ndimage
+    from models import vagan
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    n = 512
+    noise = ndimage.gaussian_filter(rng.normal(0, 1, (n, 32, 32)), (0, 2.5, 2.5))
+    x = np.clip(0.5 * noise / noise.std() - 0.5, -1, 1)
+    s = rng.uniform(0, 1, n)
+    inside = np.zeros((32, 32), bool)
+    inside[12:20, 12:20] = True
+    x[:, inside] = (2 * s - 1)[:, None]
+    x = x[..., None].astype(np.float32)
+    schema = Schema([Attribute("score", "continuous").fit(s)])
+    y = schema.encode({"score": s})
+    inp = keras.Input((32, 32, 1))
+    h = inp
+    for f in (8, 16, 16):
+        h = keras.layers.MaxPooling2D()(keras.layers.Conv2D(f, 3, padding="same", activation="relu")(h))
+    reg = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
+    reg.compile(keras.optimizers.Adam(3e-3), "mse")
+    reg.fit(x, y, batch_size=32, epochs=12, verbose=0)
+    model = vagan.VAGAN(schema, size=32, filters=8, regressor=(reg, schema), n_critic=2, n_critic_long=2,
+                        critic_warmup=1, critic_retune=1000, lambda_map=5.0, seed=0)
+    model.compile(keras.optimizers.Adam(1e-3, beta_1=0.0, beta_2=0.9), keras.optimizers.Adam(1e-3, beta_1=0.0, beta_2=0.9))
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(n, seed=0).repeat().batch(32)
+    model.fit(data, steps_per_epoch=100, epochs=1, verbose=0)
+    target = rng.permutation(s)
+    changed = model.manipulate(x, {"score": s}, {"score": target})
+    before = np.abs(schema.decode(reg.predict(x, verbose=0))["score"] - target).mean()
+    after = np.abs(schema.decode(reg.predict(changed, verbose=0))["score"] - target).mean()
+    assert after < 0.5 * before, (before, after)
+    m = np.abs(changed - x)[..., 0]
+    assert m[:, inside].mean() > 2 * m[:, ~inside].mean(), (m[:, inside].mean(), m[:, ~inside].mean())
+
+
+def test_tiny_run_logs_and_resume_is_exact(store_path, regressor, run4, tmp_path):
+    out, model = run4
+    rows = read_log(out)
+    assert [float(r["n_critic"]) for r in rows] == [3, 2, 2, 3]      # warm-up 1 step, re-tune every 3rd
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ("critic", "gp", "generator", "map_l1", "aux"))
+    assert float(rows[-1]["aux"]) > 0 and int(model.step.numpy()) == 4
+    two = tmp_path / "two_plus_two"
+    train(store_path, regressor, two, "--epochs", "2")
+    train(store_path, regressor, two, "--epochs", "4", "--resume")
+    a, b = read_checkpoint(out), read_checkpoint(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_reloaded_run_manipulates_every_attribute_kind(store_path, run4):
+    from models import load_method
+    from mri.store import SliceStore
+    out, trained = run4
+    with SliceStore(store_path) as store:
+        idx = store.indices("test")[:4]
+        x = store.images(idx)[..., None]
+        src = store.raw(idx)
+        model = load_method(out, store)
+        assert model.frozen is None and model.schema.names == ["age", "dx", "sex"]
+        for target in ({"age": src["age"] + 10}, {"dx": (src["dx"] + 1) % 3}, {"sex": 1 - src["sex"]}):
+            t = dict(src, **target)
+            y = model.manipulate(x, src, t)
+            assert y.shape == x.shape and not np.array_equal(y, x) and y.min() >= -1 and y.max() <= 1
+            np.testing.assert_allclose(y, trained.manipulate(x, src, t), atol=1e-6)
+            np.testing.assert_allclose(model.maps(x, t), y - x, atol=1e-6)
+        np.testing.assert_array_equal(model.manipulate(x, src, src), x)   # unchanged attributes: the input
+
+
+def test_conditional_critic_one_attribute_targets_and_report_gp(store_path, regressor, tmp_path):
+    run = train(store_path, regressor, tmp_path / "cond", "--epochs", "1", "--critic", "conditional",
+                "--targets", "one", "--gp-at", "changed")
+    model = run.model
+    assert model.critic.input_shape[1] == (None, model.schema.width) and model.gp_at == "changed"
+    y = model.schema.encode({"age": np.array([70.0, 80.0]), "dx": np.array([0, 2]), "sex": np.array([0, 1])})
+    changed = np.asarray(model.draw_targets(y)) != y
+    per_attribute = [changed[:, model.schema.slices[n]].any(1) for n in model.schema.names]
+    assert (np.sum(per_attribute, 0) == 1).all()    # exactly one attribute changed per slice
+
+
+def test_regressor_must_predict_the_attributes(store_path, regressor, tmp_path):
+    import train_oracle
+    only_age = str(tmp_path / "age_only")
+    train_oracle.main(["--store", store_path, "--attrs", "age", "--out", only_age, "--tiny", "--epochs", "1",
+                       "--steps-per-epoch", "1"])
+    with pytest.raises(SystemExit, match=r"does not predict \['dx', 'sex'\]"):
+        train(store_path, only_age, tmp_path / "bad", "--epochs", "1")
+    with pytest.raises(SystemExit, match="not a trained oracle"):
+        train(store_path, str(tmp_path / "nowhere"), tmp_path / "bad2", "--epochs", "1")

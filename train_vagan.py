@@ -1,0 +1,48 @@
+"""Train a VA-GAN (models/vagan.py): an additive change map conditioned on attributes, a WGAN-GP critic and a
+frozen auxiliary regressor (a train_oracle.py run: never the evaluation oracle's).
+
+    python train_oracle.py --store data/synthetic.h5 --attrs age,dx --out runs/regressor --seed 1
+    python train_vagan.py --store data/synthetic.h5 --attrs age,dx --regressor runs/regressor --out runs/vagan/default
+    python train_vagan.py ...same arguments... --resume --epochs 20
+"""
+import argparse
+
+from models import vagan
+from mri import training
+from mri.io import exit_on
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_args(p, "vagan")
+    g = p.add_argument_group("VA-GAN")
+    g.add_argument("--regressor", default="", help="train_oracle.py run predicting --attrs (frozen); empty: no aux term")
+    g.add_argument("--critic", choices=["unconditional", "conditional"], default="unconditional",
+                   help="unconditional (the report) or conditional: the critic also sees the attributes")
+    g.add_argument("--targets", choices=vagan.TARGETS, default="permute",
+                   help="permute: the batch's attribute vectors shuffled (the report); one: one attribute per slice")
+    g.add_argument("--gp-at", choices=vagan.GP_AT, default="interpolates",
+                   help="gradient penalty at real/changed interpolates (WGAN-GP) or at the changed slices (report)")
+    g.add_argument("--lambda-gp", type=float, default=10.0)
+    g.add_argument("--lambda-map", type=float, default=100.0, help="weight of mean |x' - x| (reference: 100)")
+    g.add_argument("--lambda-aux", type=float, default=1.0, help="weight of the regressor's loss on x'")
+    g.add_argument("--n-critic", type=int, default=5, help="critic steps per generator step")
+    g.add_argument("--n-critic-long", type=int, default=100, help="critic steps in warm-up and re-tune steps")
+    g.add_argument("--critic-warmup", type=int, default=25, help="first generator steps with --n-critic-long")
+    g.add_argument("--critic-retune", type=int, default=100, help="every this many steps: --n-critic-long")
+    g.add_argument("--filters", type=int, default=16, help="maps of the first level (U-Net 16..128, critic 16..256)")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, betas (0, 0.9) (report 1e-3)")
+    return training.parse(p, argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    batches, val, run = training.start_run(args, "vagan")
+    with exit_on(ValueError, FileNotFoundError):
+        model = vagan.from_args(vars(args), batches.schema)
+    vagan.compile_from_args(model, vars(args))
+    return training.fit(model, batches, run, args, val)
+
+
+if __name__ == "__main__":
+    main()
