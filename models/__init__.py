@@ -4,14 +4,15 @@
 
 with images (N, S, S, 1) float32 in [-1, 1] and attributes as dicts of raw values {name: (N,) array}
 (years, points, 0/1, class indices), the store's convention. Each method encodes them with its own schema and
-ignores keys it does not know (the evaluator also passes "index", the slices' store indices, which only the
-`truth` baseline uses).
+ignores keys it does not know (the evaluator also passes "index", the slices' store indices, which the `truth`
+baseline needs and `meandiff` uses to pick its slice position's model).
 
 `load_method(spec, store)` turns an evaluate.py `--methods` item into such an object: a baseline name, or a run
 directory whose config.json names its method, optionally followed by `@MODE` for a method with several ways
 to manipulate (e.g. `runs/fader/default@residual`).
 """
 import importlib
+import inspect
 import json
 import os
 
@@ -61,4 +62,6 @@ def load_method(spec, store, attrs=None):
     if method not in RUN_METHODS:
         raise ValueError(f"{config}: unknown method {method!r}; known: {sorted(RUN_METHODS)}")
     module = importlib.import_module(RUN_METHODS[method])
+    if mode and "mode" not in inspect.signature(module.from_run).parameters:
+        raise ValueError(f"{spec}: a {method} run has no manipulation modes; give the run directory alone")
     return module.from_run(run_dir, mode=mode) if mode else module.from_run(run_dir)

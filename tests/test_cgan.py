@@ -47,6 +47,8 @@ def check_run(out, model, store_path):
     older = dict(attrs(3), age=np.full(3, 90.0), dx=np.full(3, 2))
     assert not np.allclose(a, loaded.manipulate(x, attrs(3), older))
     assert sorted(loaded.attributes(x)) == ["age", "dx", "sex"]
+    with pytest.raises(ValueError, match="has no manipulation modes"):
+        load_method(f"{out}@residual", store_path)
 
 
 def test_both_phases_train_log_and_reload(straight, store_path):
