@@ -1,8 +1,8 @@
 """The oracle: a VGG-style CNN (Simonyan & Zisserman 2015) that predicts every schema attribute from a slice.
 
 It scores manipulated images in evaluate.py (effectiveness), and its penultimate layer "features" (256-d)
-is the embedding of the Fréchet distance (realism). Images larger than 64x64 are first average-pooled to
-64x64 ("downsample"): age and diagnosis show at that scale, and it makes the oracle 4x cheaper at 128x128
+is the embedding of the realism measures (KID; the Fréchet distance when samples suffice). Images larger
+than 64x64 are first average-pooled to 64x64 ("downsample"): age and diagnosis show at that scale, and it makes the oracle 4x cheaper at 128x128
 (about 1 minute per epoch of the default synthetic store on 2 CPU cores). Blocks are conv3x3-BN-ReLU,
 conv3x3-BN-ReLU, maxpool;
 then global average pooling, the dense "features" layer and dropout, and one head per attribute
@@ -90,7 +90,7 @@ class Oracle:
         return tuple(np.concatenate([np.asarray(p[k]) for p in parts]) for k in (0, 1))
 
     def features(self, images, batch_size=64):
-        """The penultimate "features" vectors (post-ReLU), the Fréchet-distance embedding."""
+        """The penultimate "features" vectors (post-ReLU), the embedding of the realism measures (KID, FD)."""
         return self.outputs(images, batch_size)[0]
 
     def predict_raw(self, images, batch_size=64):
