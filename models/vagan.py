@@ -129,8 +129,8 @@ class VAGAN(keras.Model):
             regressor[0].trainable = False
             self.frozen = Frozen(regressor[0], regressor_adapter(schema, regressor[1]))
         # attribute -> its columns, to flip one attribute per slice (targets "one")
-        self.attribute_columns = np.stack([np.isin(np.arange(schema.width), np.arange(schema.width)[schema.slices[n]])
-                                           for n in schema.names]).astype(np.float32)
+        self.attribute_columns = np.stack([np.eye(schema.width, dtype=np.float32)[schema.slices[n]].sum(0)
+                                           for n in schema.names])
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.trackers = {n: keras.metrics.Mean(name=n) for n in

@@ -355,15 +355,11 @@ def summarise(per_pair, groups, boot, references, by_construction, kid_weights=N
     out = {}
     for m, scores in per_pair.items():
         s = {"ci": {}, "vs": {}}
-        if m == FLOOR:
-            references_m = ()
-        else:
-            references_m = references
         for k, v in scores.items():
             s[k], s["ci"][k] = boot.interval(v, groups)
         if kid_values:
             s["kid"], s["ci"]["kid"] = kid_values[m][0], stats.percentile_interval(kid_values[m][1])
-        for ref in references_m:
+        for ref in references if m != FLOOR else ():
             if ref == m or ref not in per_pair or (ref == FLOOR and m == "identity"):
                 continue
             vs, fixed = {}, {*by_construction.get(m, ()), *by_construction.get(ref, ())}

@@ -23,18 +23,22 @@ class SubjectBootstrap:
         self.counts = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot).astype(np.float64)   # (B, k)
         self.n_boot = n_boot
 
-    def for_pairs(self, pair_groups):
-        """Resample weights (B, P) of pairs labelled by subject (every label must be one of `groups`)."""
+    def _rows(self, pair_groups):
+        """Each pair's subject as a row of `counts` (every label must be one of `groups`)."""
         rows = np.searchsorted(self.subjects, np.asarray(pair_groups))
         if not np.array_equal(self.subjects[np.minimum(rows, len(self.subjects) - 1)], np.asarray(pair_groups)):
             raise ValueError("pairs of subjects the bootstrap was not drawn for")
-        return self.counts[:, rows]
+        return rows
+
+    def for_pairs(self, pair_groups):
+        """Resample weights (B, P) of pairs labelled by subject."""
+        return self.counts[:, self._rows(pair_groups)]
 
     def means(self, values, pair_groups):
         """Resampled means (B,) of per-pair values (NaN = no score for that pair, left out)."""
         v = np.asarray(values, np.float64)
         ok = ~np.isnan(v)
-        rows = np.searchsorted(self.subjects, np.asarray(pair_groups)[ok])
+        rows = self._rows(np.asarray(pair_groups)[ok])
         k = len(self.subjects)
         sums = np.bincount(rows, v[ok], minlength=k)
         n = np.bincount(rows, minlength=k).astype(np.float64)
