@@ -9,7 +9,9 @@ baseline needs and `meandiff` uses to pick its slice position's model).
 
 `load_method(spec, store)` turns an evaluate.py `--methods` item into such an object: a baseline name, or a run
 directory whose config.json names its method, optionally followed by `@MODE` for a method with several ways
-to manipulate (e.g. `runs/fader/default@residual`).
+to manipulate (e.g. `runs/fader/default@residual`). A method whose `from_run` takes `store` receives the
+evaluated store (DFI reads each slice's position and subject from it through "index"). Its "slice" entry, when
+given instead, is the slices' axial position (simulate.py's volumes, which have no store index).
 """
 import importlib
 import inspect
@@ -18,7 +20,7 @@ import os
 
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
-RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan"}
+RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi"}
 # config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
 # feature network): such a run must not be the evaluation oracle
 AUXILIARY_ARGS = ("regressor", "features")
@@ -62,6 +64,10 @@ def load_method(spec, store, attrs=None):
     if method not in RUN_METHODS:
         raise ValueError(f"{config}: unknown method {method!r}; known: {sorted(RUN_METHODS)}")
     module = importlib.import_module(RUN_METHODS[method])
-    if mode and "mode" not in inspect.signature(module.from_run).parameters:
+    accepts = inspect.signature(module.from_run).parameters
+    if mode and "mode" not in accepts:
         raise ValueError(f"{spec}: a {method} run has no manipulation modes; give the run directory alone")
-    return module.from_run(run_dir, mode=mode) if mode else module.from_run(run_dir)
+    kwargs = {"mode": mode} if mode else {}
+    if "store" in accepts:
+        kwargs["store"] = store
+    return module.from_run(run_dir, **kwargs)

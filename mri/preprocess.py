@@ -12,6 +12,11 @@ Steps (the README describes them for users):
 
 `plan_volume` computes the geometry and the intensity scale; `apply_plan` samples any array defined on the
 same canonical grid (the volume itself, or a ground-truth structure mask) with that geometry.
+
+The sampling grid is axis-aligned in world (scanner) coordinates, so a slab of slices is itself a regular 3D
+image: `slab_to_volume` lays it out as a RAS voxel array and `slab_affine` gives the affine that puts every
+voxel at the world position `sample_grid` sampled (simulate.py writes the slabs as NIfTI with it, so they
+overlay the original scan); `to_native` undoes `normalise` (up to its clipping at the scale).
 """
 import numpy as np
 import nibabel as nib
@@ -117,3 +122,33 @@ def process_file(path, size=128, n_slices=32, spacing_mm=2.0):
     """Path -> (slices, plan); raises BadVolume with the reason."""
     data, affine = load_canonical(path)
     return volume_to_slices(data, affine, size, n_slices, spacing_mm)
+
+
+def slab_to_volume(slices):
+    """(n_slices, size, size) slab -> (size, size, n_slices) RAS voxel array: i = column (left -> right),
+    j = row reversed (posterior -> anterior), k = slice (inferior -> superior). `slab_affine` is its affine."""
+    return np.ascontiguousarray(np.transpose(np.asarray(slices), (2, 1, 0))[:, ::-1, :])
+
+
+def volume_to_slab(volume):
+    """The inverse of `slab_to_volume`."""
+    return np.ascontiguousarray(np.transpose(np.asarray(volume)[:, ::-1, :], (2, 1, 0)))
+
+
+def slab_affine(plan, size, spacing_mm=None):
+    """4x4 voxel -> world affine of `slab_to_volume(apply_plan(..., plan, size))`: voxel (i, j, k) lies at the
+    world coordinates `sample_grid(plan, size)[:, k, size - 1 - j, i]`. `spacing_mm` is only needed for a
+    single-slice plan (whose z step is otherwise undefined; default: the in-plane pixel size)."""
+    step = plan["side_mm"] / size
+    cx, cy, _ = plan["centre"]
+    z = np.asarray(plan["z_mm"], np.float64)
+    dz = float(z[1] - z[0]) if len(z) > 1 else float(spacing_mm or step)
+    affine = np.diag([step, step, dz, 1.0])
+    affine[:3, 3] = [cx - plan["side_mm"] / 2 + step / 2, cy - plan["side_mm"] / 2 + step / 2, z[0]]
+    return affine
+
+
+def to_native(slices, plan):
+    """[-1, 1] slices -> the input's intensity units with the plan's scale (the inverse of `normalise`; values
+    the scan had above the scale were clipped to it)."""
+    return (np.asarray(slices, np.float32) + 1.0) / 2.0 * np.float32(plan["scale"])
