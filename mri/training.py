@@ -159,10 +159,14 @@ def load_checkpoint(path, model, optimizers=None):
 
 
 # --- callbacks --------------------------------------------------------------------------------------
-def sweep_grid(manipulate, images, raw, schema, n_steps=5):
-    """uint8 grid: one row per image; columns = the source, then a sweep of each attribute
-    (continuous: mean -2..+2 std; binary 0/1; categorical: every class), others held."""
-    columns = [images]
+CHANGE_SCALE = 0.25     # change-map grids saturate at this intensity change ([-1, 1] images)
+
+
+def sweep_grids(manipulate, images, raw, schema, n_steps=5):
+    """Two uint8 grids, one row per image: the attribute sweep (columns = the source, then a sweep of each
+    attribute: continuous mean -2..+2 std, binary 0/1, categorical every class, others held) and its change
+    maps (manipulated - source, red brighter, blue darker, saturating at +-CHANGE_SCALE: VA-GAN's maps)."""
+    columns = []
     for a in schema.attributes:
         if a.kind == "continuous":
             values = [a.mean + a.std * z for z in np.linspace(-2, 2, n_steps)]
@@ -170,9 +174,13 @@ def sweep_grid(manipulate, images, raw, schema, n_steps=5):
             values = list(range(a.width if a.kind == "categorical" else 2))
         for v in values:
             target = dict(raw, **{a.name: np.full(len(images), v, np.float32)})
-            columns.append(np.asarray(manipulate(images, raw, target)))
-    cells = [[grids.to_uint8(col[i, ..., 0]) for col in columns] for i in range(len(images))]
-    return grids.tile(cells)
+            columns.append(np.asarray(manipulate(images, raw, target)).reshape(images.shape))
+    blank = np.full(images.shape[1:3] + (3,), 255, np.uint8)
+    sweep = [[grids.to_uint8(images[i, ..., 0])] + [grids.to_uint8(c[i, ..., 0]) for c in columns]
+             for i in range(len(images))]
+    change = [[blank] + [grids.diverging(c[i, ..., 0] - images[i, ..., 0], CHANGE_SCALE) for c in columns]
+              for i in range(len(images))]
+    return grids.tile(sweep), grids.tile(change)
 
 
 class Events:
@@ -198,7 +206,8 @@ class Events:
 
 
 class SampleGrids:
-    """Each epoch: an attribute-sweep grid of fixed validation images, as PNG and as a TensorBoard image."""
+    """Each epoch: the attribute-sweep grid of fixed validation images and its change maps, as PNGs
+    (samples/epoch_NNN.png, samples/epoch_NNN_change.png) and TensorBoard images."""
 
     def __init__(self, run, batches, n=4):
         self.run = run
@@ -209,9 +218,10 @@ class SampleGrids:
         self.callback = _on_epoch_end(lambda model, epoch, logs: self(model, epoch))
 
     def __call__(self, model, epoch):
-        grid = sweep_grid(model.manipulate, self.images, self.raw, self.schema)
-        grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}.png"), grid)
-        self.events.write(epoch + 1, images={"attribute_sweep": grid})
+        sweep, change = sweep_grids(model.manipulate, self.images, self.raw, self.schema)
+        grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}.png"), sweep)
+        grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}_change.png"), change)
+        self.events.write(epoch + 1, images={"attribute_sweep": sweep, "change_maps": change})
 
 
 def _on_epoch_end(fn):

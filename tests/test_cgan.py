@@ -35,7 +35,7 @@ def check_run(out, model, store_path):
     for name, epochs in (("d_loss", (0, 1)), ("g_loss", (0, 1)), ("ez_loss", (2, 3)), ("ey_loss", (2, 3))):
         a, b = (float(rows[i][name]) for i in epochs)
         assert np.isfinite([a, b]).all() and a > 0 and a != b, (name, a, b)
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"epoch_00{i}.png" for i in range(1, 5)]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == sorted(f"epoch_00{i}{k}.png" for i in range(1, 5) for k in ("", "_change"))
     assert os.listdir(os.path.join(out, "tb", "samples")) and os.listdir(os.path.join(out, "tb", "train"))
     # save/load identity, through the method registry
     from models import load_method

@@ -36,7 +36,7 @@ def test_tiny_run_trains_with_finite_moving_losses(run4):
     # the lambda ramp (2 iterations) went 0, 1/2, 1, 1 times lambda_lat
     np.testing.assert_allclose([float(r["lambda_lat"]) for r in rows], [0, 5e-5, 1e-4, 1e-4], rtol=1e-5)
     assert int(model.step.numpy()) == 4 and set(model.optimizers) == {"ae", "lat_dis", "clf"}
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"epoch_{e:03d}.png" for e in (1, 2, 3, 4)]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == sorted(f"epoch_{e:03d}{k}.png" for e in (1, 2, 3, 4) for k in ("", "_change"))
     for events in ("train", "samples"):   # TensorBoard scalars and sweep grids
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb", events)))
 

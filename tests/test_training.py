@@ -89,7 +89,7 @@ def test_jit_is_off_on_cpu_by_default():
     assert training.jit_compile("on") is True and training.jit_compile("off") is False
 
 
-def test_sweep_grid_shape():
+def test_sweep_grids_shape_and_change_maps():
     s = schema()
     images = np.zeros((3, 16, 16, 1), np.float32)
     raw = {"age": np.array([60.0, 70, 80]), "dx": np.array([0, 1, 2]), "sex": np.array([0, 1, 0])}
@@ -97,10 +97,12 @@ def test_sweep_grid_shape():
 
     def manipulate(x, source, target):
         calls.append(target)
-        return x
-    grid = training.sweep_grid(manipulate, images, raw, s, n_steps=5)
+        return x + (target["dx"] == 1).reshape(-1, 1, 1, 1) * training.CHANGE_SCALE   # brighter at MCI only
+    grid, change = training.sweep_grids(manipulate, images, raw, s, n_steps=5)
     columns = 1 + 5 + 3 + 2   # source, age -2..+2 std, each dx class, each sex
-    assert grid.shape == (3 * 18 + 2, columns * 18 + 2) and grid.dtype == np.uint8
+    assert grid.shape[:2] == change.shape[:2] == (3 * 18 + 2, columns * 18 + 2) and grid.dtype == np.uint8
+    cell = lambda col: change[2:18, 2 + col * 18:18 + col * 18]           # first row's cell in column col
+    assert np.all(cell(1 + 5 + 1) == [255, 0, 0]) and np.all(cell(1 + 5) == 255)   # MCI saturated red, CN white
     assert len(calls) == columns - 1
     np.testing.assert_allclose(calls[0]["age"], s["age"].mean - 2 * s["age"].std)
     assert calls[5]["dx"].tolist() == [0, 0, 0] and calls[-1]["sex"].tolist() == [1, 1, 1]
