@@ -2,6 +2,7 @@
 
     python bench/train_step.py --method fader [--batch-size 32 --size 128 --repeats 7 --clf off|on|both]
     python bench/train_step.py --method vagan [--n-filters 16]
+    python bench/train_step.py --method cyclegan [--n-filters 64]
 
 Prints the machine, the fp32 matmul speed measured in this process (4096x4096 tf.matmul in a tf.function,
 median of 7) and, per configuration, images/s of the compiled train step (Keras' own train function, the one
@@ -131,7 +132,23 @@ def vagan(args):
     return [("generator iteration (5 critic steps)", model, (x, y), 5 * (g + 11 * d) + 3 * g + 2 * d + 2 * r)]
 
 
-BUILDERS = {"fader": fader, "cgan": cgan, "vagan": vagan}
+def cyclegan(args):
+    """CycleGAN at train_cyclegan's defaults (ResNet generator with 6 blocks, 70x70 PatchGAN, pools of 50): one
+    iteration, both generators then both discriminators, on --batch-size / 2 slices of each domain."""
+    from models import cyclegan as method
+    from mri.loader import parse_domains
+    schema, x, y = example_batch(args)
+    model = method.CycleGAN(schema, parse_domains("dx=CN:Dementia", schema), args.size, args.n_filters)
+    method.compile_from_args(model, dict(lr=2e-4, constant_epochs=1, decay_epochs=1, jit=args.jit), 100)
+    g, d = forward_flops(model.g_ab), forward_flops(model.d_a)
+    # per pair of slices (a, b): six generator passes, all trained (G_AB a, G_BA b, the two identity passes and
+    # the two cycle passes, 3x each); D_A and D_B back-propagated through in the generators' loss (2x each),
+    # then trained on a real and a pooled generated slice each (4 x 3x); per slice, half of that
+    return [(f"iteration, {args.batch_size // 2} of each domain", model, (x, y), (18 * g + 16 * d) // 2)]
+
+
+BUILDERS = {"fader": fader, "cgan": cgan, "vagan": vagan, "cyclegan": cyclegan}
+FILTERS = {"cyclegan": 64}   # --n-filters default per method (else 16)
 
 
 def images_per_second(model, batch, repeats, iterations, warmup=3):
@@ -160,11 +177,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed runs (at least 5); the median is reported")
     p.add_argument("--iterations", type=int, default=3, help="train steps per timed run")
     p.add_argument("--clf", choices=["off", "on", "both"], default="both", help="fader: classifier discriminator")
-    p.add_argument("--n-filters", type=int, default=16, help="fader, vagan: feature maps of the first layer")
+    p.add_argument("--n-filters", type=int, default=None,
+                   help="fader, vagan (default 16), cyclegan (default 64): feature maps of the first layer")
     p.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="XLA, as train_*.py --jit")
     args = p.parse_args(argv)
     if args.repeats < 5:
         p.error("--repeats must be at least 5")
+    if args.method == "cyclegan" and args.batch_size % 2:
+        p.error("--batch-size must be even for cyclegan: half of it from each domain")
+    args.n_filters = args.n_filters or FILTERS.get(args.method, 16)
     print(f"machine: {machine()}")
     peak = matmul_gflops()
     print(f"fp32 matmul 4096x4096 (tf.matmul in a tf.function, median of 7): {peak:.0f} GFLOP/s")

@@ -12,6 +12,15 @@ directory whose config.json names its method, optionally followed by `@MODE` for
 to manipulate (e.g. `runs/fader/default@residual`). A method whose `from_run` takes `store` receives the
 evaluated store (DFI reads each slice's position and subject from it through "index"). Its "slice" entry, when
 given instead, is the slices' axial position (simulate.py's volumes, which have no store index).
+
+A method that makes only some changes also answers
+
+    supports(source_attrs, target_attrs) -> (N,) bool
+
+True for each pair it can make (CycleGAN: from one of its two domains into the other). evaluate.py calls its
+`manipulate` on those pairs only, scores it on them, reports how many, compares it with the references on the
+pairs both make, and leaves the other cells of its trajectory figures blank. A method without `supports` makes
+every change. At unchanged attributes (target = source) every method is scored.
 """
 import importlib
 import inspect
@@ -20,7 +29,8 @@ import os
 
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
-RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi"}
+RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi",
+               "cyclegan": "models.cyclegan"}
 # config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
 # feature network): such a run must not be the evaluation oracle
 AUXILIARY_ARGS = ("regressor", "features")

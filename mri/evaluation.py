@@ -24,7 +24,9 @@ Every number gets a 95 % interval from a bootstrap over test *subjects* (`stats.
 method a paired difference to `meandiff` (when evaluated) and to `identity` (the no-change floor) on each
 metric, with its interval; the verdict "better" / "worse" is given only when that interval excludes 0.
 Scores a method reaches by construction (declared by its `by_construction` attribute, e.g. a residual mode's
-zero reconstruction error) are marked and never ranked.
+zero reconstruction error) are marked and never ranked. A method that makes only some changes (its `supports`,
+models/__init__.py: CycleGAN between two domains) is scored on the pairs it makes, their number reported, and
+compared on the pairs both sides make; its other trajectory cells are blank.
 """
 import os
 import re
@@ -290,11 +292,30 @@ def _features(oracle, store, idx, batch_size):
                            for i in range(0, len(idx), batch_size)])
 
 
+def supported(method, source, target, n):
+    """(n,) bool: the changes `method` makes (its `supports`, models/__init__.py; every change without one)."""
+    supports = getattr(method, "supports", None)
+    return np.ones(n, bool) if supports is None else np.asarray(supports(source, target), bool).reshape(n)
+
+
+def manipulated(method, x, source, target, ok):
+    """The method's images (shaped like x) for the pairs `ok`, on which alone it is called; x elsewhere."""
+    if ok.all():
+        return np.asarray(method.manipulate(x, source, target), np.float32).reshape(x.shape)
+    y = x.copy()
+    if ok.any():
+        pick = lambda raw: {k: np.asarray(v)[ok] for k, v in raw.items()}
+        y[ok] = np.asarray(method.manipulate(x[ok], pick(source), pick(target)), np.float32).reshape(y[ok].shape)
+    return y
+
+
 def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
-    """Per-pair scores {method: {metric: (P,) array}} and oracle features {method: (P, F)} of the floor and
-    every method for one attribute's pairs (src[i] -> target tgt[i])."""
+    """Per-pair scores {method: {metric: (P,) array}}, oracle features {method: (P, F)} and the pairs each
+    makes {method: (P,) bool} of the floor and every method for one attribute's pairs (src[i] -> target
+    tgt[i]); a pair a method does not make (`supported`) has NaN scores, its reversibility also when the
+    method does not make the change back."""
     parts = {m: {} for m in [FLOOR, *methods]}
-    feats = {m: [] for m in parts}
+    feats, made = {m: [] for m in parts}, {m: [] for m in parts}
     for i in range(0, len(src), batch_size):
         idx, t = src[i:i + batch_size], tgt[i:i + batch_size]
         x = store.images(idx)[..., None]
@@ -308,17 +329,24 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
             return f, (oracle.schema.decode_logits(logits)[change.name], p)
 
         f_src, oracle_src = judge(x)
-        outputs = {FLOOR: (x, x, f_src, oracle_src)}
+        every = np.ones(len(idx), bool)
+        outputs = {FLOOR: (x, x, f_src, oracle_src, every, every)}
         for m, method in methods.items():
-            y = np.asarray(method.manipulate(x, s_raw, t_raw), np.float32).reshape(x.shape)
-            back = np.asarray(method.manipulate(y, t_raw, s_raw), np.float32).reshape(x.shape)
-            outputs[m] = (y, back, *judge(y))
-        for m, (y, back, f, oracle_out) in outputs.items():
-            for k, v in _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth).items():
+            ok = supported(method, s_raw, t_raw, len(idx))
+            y = manipulated(method, x, s_raw, t_raw, ok)
+            back_ok = ok & supported(method, t_raw, s_raw, len(idx))
+            back = manipulated(method, y, t_raw, s_raw, back_ok)
+            outputs[m] = (y, back, *judge(y), ok, back_ok)
+        for m, (y, back, f, oracle_out, ok, back_ok) in outputs.items():
+            scores = _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth)
+            if not back_ok.all():
+                scores = {k: np.where(back_ok if k == "reversibility_l1" else ok, v, np.nan) for k, v in scores.items()}
+            for k, v in scores.items():
                 parts[m].setdefault(k, []).append(np.asarray(v, np.float64))
             feats[m].append(f)
+            made[m].append(ok)
     return ({m: {k: np.concatenate(v) for k, v in p.items()} for m, p in parts.items()},
-            {m: np.concatenate(f) for m, f in feats.items()})
+            {m: np.concatenate(f) for m, f in feats.items()}, {m: np.concatenate(v) for m, v in made.items()})
 
 
 def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
@@ -348,17 +376,20 @@ def _verdict(metric, diff, ci, fixed):
     return "no difference shown"
 
 
-def summarise(per_pair, groups, boot, references, by_construction, kid_weights=None, kid_values=None):
+def summarise(per_pair, groups, boot, references, by_construction, kid=None, made=None):
     """{method: {metric: mean, "ci": {metric: [low, high]}, "vs": {reference: {metric: {"diff", "ci",
-    "verdict"}}}}} from per-pair arrays {method: {metric: (P,)}}, pairs labelled by subject `groups`.
-    kid_values {method: (value, (B,) resampled values)} adds the KID with the same resamples."""
+    "verdict"}}}}} from per-pair arrays {method: {metric: (P,)}} (NaN: no score), pairs labelled by subject
+    `groups`; paired differences over the pairs both sides scored. `kid(method, pairs)` ((value, (B,) resampled
+    values) on a subset of pairs, or None) adds the KID with the same resamples, on the pairs each method
+    makes (`made` {method: (P,) bool}) and, for a difference, on those both make."""
     out = {}
     for m, scores in per_pair.items():
         s = {"ci": {}, "vs": {}}
         for k, v in scores.items():
             s[k], s["ci"][k] = boot.interval(v, groups)
-        if kid_values:
-            s["kid"], s["ci"]["kid"] = kid_values[m][0], stats.percentile_interval(kid_values[m][1])
+        if kid:
+            own = kid(m, made[m])
+            s["kid"], s["ci"]["kid"] = (own[0], stats.percentile_interval(own[1])) if own else (None, None)
         for ref in references if m != FLOOR else ():
             if ref == m or ref not in per_pair or (ref == FLOOR and m == "identity"):
                 continue
@@ -366,26 +397,39 @@ def summarise(per_pair, groups, boot, references, by_construction, kid_weights=N
             for k, v in scores.items():
                 d, ci = boot.interval(v - per_pair[ref][k], groups)
                 vs[k] = {"diff": d, "ci": ci, "verdict": _verdict(k, d, ci, k in fixed)}
-            if kid_values:
-                d = kid_values[m][0] - kid_values[ref][0]
-                ci = stats.percentile_interval(kid_values[m][1] - kid_values[ref][1])
+            if kid:
+                a, b = kid(m, made[m] & made[ref]), kid(ref, made[m] & made[ref])
+                d, ci = (a[0] - b[0], stats.percentile_interval(a[1] - b[1])) if a and b else (None, None)
                 vs["kid"] = {"diff": d, "ci": ci, "verdict": _verdict("kid", d, ci, False)}
             s["vs"]["identity" if ref == FLOOR else ref] = vs
         out[m] = s
     return out
 
 
-def _realism(feats, ref, ref_feats, groups, ref_groups, boot):
-    """KID value and resamples per method (pairs with a reference), and the FD where samples suffice."""
+def _realism(feats, ref, ref_feats, groups, ref_groups, boot, made):
+    """`kid(method, pairs)`: the KID value and resamples of a method's features on `pairs` (P,) bool with a
+    reference (cached; None below 4 such pairs, or when the pairs and references do not span two subjects, as
+    a subset of the changes may not), and each method's FD on the pairs it makes where samples suffice."""
     has = ref >= 0
-    kid, fd = {}, {}
     if has.sum() < 4:
         return None, {m: None for m in feats}
     w, g, h = boot.for_pairs(groups[has]), groups[has], ref_groups
+    cache = {}
+
+    def kid(m, pairs):
+        sel = pairs[has]
+        key = (m, sel.tobytes())
+        if key not in cache:
+            f, r = feats[m][has][sel], ref_feats[sel]
+            value = stats.kid(f, r, None, g[sel], h[sel]) if sel.sum() >= 4 else np.nan
+            cache[key] = (value, stats.kid(f, r, w[:, sel], g[sel], h[sel])) if np.isfinite(value) else None
+        return cache[key]
+
+    fd = {}
     for m, f in feats.items():
-        kid[m] = (stats.kid(f[has], ref_feats, None, g, h), stats.kid(f[has], ref_feats, w, g, h))
-        enough = has.sum() >= FD_MIN_RATIO * f.shape[1]
-        fd[m] = frechet_distance(f[has], ref_feats) if enough else None
+        sel = made[m][has]
+        enough = sel.sum() >= FD_MIN_RATIO * f.shape[1]
+        fd[m] = frechet_distance(f[has][sel], ref_feats[sel]) if enough else None
     return kid, fd
 
 
@@ -464,14 +508,14 @@ def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n
         src, tgt = draw_pairs(store, sample, change, rng)
         ref = matched_reference(store, test, src, tgt, change, rng)
         log(f"{change.name}: {len(src)} pairs, {len(methods)} methods")
-        per_pair, feats = score_change(store, oracle, methods, change, src, tgt,
-                                       gt if change.name in TRUTH_ATTRS else None, batch_size)
+        per_pair, feats, made = score_change(store, oracle, methods, change, src, tgt,
+                                             gt if change.name in TRUTH_ATTRS else None, batch_size)
         groups = store.subject[src]
         ref_feats = _features(oracle, store, ref[ref >= 0], batch_size) if (ref >= 0).sum() >= 4 else None
-        kid, fd = _realism(feats, ref, ref_feats, groups, store.subject[ref[ref >= 0]], boot)
-        scores = summarise(per_pair, groups, boot, references, fixed, kid_values=kid)
-        for m in scores:
-            scores[m].update(fd=fd[m], kid_pairs=int((ref >= 0).sum()), pairs=len(src))
+        kid, fd = _realism(feats, ref, ref_feats, groups, store.subject[ref[ref >= 0]], boot, made)
+        scores = summarise(per_pair, groups, boot, references, fixed, kid, made)
+        for m in scores:   # pairs: those the method makes and is scored on
+            scores[m].update(fd=fd[m], kid_pairs=int(((ref >= 0) & made[m]).sum()), pairs=int(made[m].sum()))
             if gt and change.name in TRUTH_ATTRS:
                 scores[m].update({f"{s}_pairs": int(np.isfinite(per_pair[m][f"{s}_change_error_mm2"]).sum())
                                   for s in STRUCTURES})
@@ -513,22 +557,25 @@ def trajectory_slices(store, k, seed):
 
 
 def _sweep(method, x, raw, changes):
-    """Columns (each (k, S, S) images, None = a gap between attributes) of every attribute's sweep."""
+    """Columns (each (k, S, S) images, None = a gap between attributes, NaN = a change the method does not
+    make) of every attribute's sweep."""
     cols = []
     for c in changes:
         if cols:
             cols.append(None)
         for v in c.sweep:
             target = dict(raw, **{c.name: np.full(len(x), v, np.float64)})
-            cols.append(np.asarray(method.manipulate(x, raw, target), np.float32).reshape(x.shape[:3]))
+            ok = supported(method, raw, target, len(x))
+            cols.append(np.where(ok[:, None, None], manipulated(method, x, raw, target, ok)[..., 0], np.nan))
     return cols
 
 
 def _row(x, cols, i, diff=False):
     blank = np.full(x.shape[1:3], 255, np.uint8)
+    gap = lambda c: c is None or np.isnan(c[i]).any()
     if diff:
-        return [blank] + [blank if c is None else grids.diverging(c[i] - x[i, ..., 0], DIFF_SCALE) for c in cols]
-    return [grids.to_uint8(x[i, ..., 0])] + [blank if c is None else grids.to_uint8(c[i]) for c in cols]
+        return [blank] + [blank if gap(c) else grids.diverging(c[i] - x[i, ..., 0], DIFF_SCALE) for c in cols]
+    return [grids.to_uint8(x[i, ..., 0])] + [blank if gap(c) else grids.to_uint8(c[i]) for c in cols]
 
 
 def slug(name):
@@ -540,7 +587,8 @@ def draw_trajectories(store, methods, changes, out_dir, seed=0, n_subjects=4, tr
 
     Rows per subject: the method, its difference from the source, and (synthetic stores, given `truth`) the
     true counterfactual and its difference. Columns: the source, then each attribute's sweep (age 60..90 in
-    steps of 5 at the subject's other attributes; every class of a categorical one), a blank between them."""
+    steps of 5 at the subject's other attributes; every class of a categorical one), a blank between them.
+    Cells of changes a method does not make (its `supports`) are blank."""
     idx = trajectory_slices(store, n_subjects, seed)
     k = len(idx)
     x = store.images(idx)[..., None]
@@ -560,13 +608,19 @@ def draw_trajectories(store, methods, changes, out_dir, seed=0, n_subjects=4, tr
         kinds = f"{m}, {m} - source" + (", truth, truth - source" if true is not None and m != "truth" else "")
         figures.append(_write(out_dir, f"trajectories_{slug(m)}_n{k}.png", grids.tile(rows),
                               f"{m}: {k} test subjects (seed {seed}); rows per subject: {kinds}; "
-                              f"columns: {columns}; {scale}"))
+                              f"columns: {columns}; {scale}{blanks([m], methods)}"))
     combined = ({"truth": true} if true is not None and "truth" not in sweeps else {}) | sweeps
     rows = [_row(x, cols, i) for i in range(k) for cols in combined.values()]
     figures.append(_write(out_dir, f"trajectories_all_n{k}.png", grids.tile(rows),
                           f"all methods: {k} test subjects (seed {seed}); rows per subject: {', '.join(combined)}; "
-                          f"columns: {columns}"))
+                          f"columns: {columns}{blanks(methods, methods)}"))
     return figures
+
+
+def blanks(names, methods):
+    """The caption's note on the blank cells of methods that make only some changes ("" when none does)."""
+    partial = [m for m in names if hasattr(methods[m], "supports")]
+    return f"; blank cells: changes {', '.join(partial)} does not make" if partial else ""
 
 
 def _write(out_dir, name, image, caption):
@@ -634,6 +688,10 @@ def report_markdown(metrics, title="Evaluation"):
         main, gt = _columns(floor)
         rows = [(FLOOR, floor, ())] + [(k, v[name], v.get("by_construction", ())) for k, v in m["methods"].items()]
         lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", ""]
+        partial = [f"{k} {v[name]['pairs']}" for k, v in m["methods"].items() if v[name]["pairs"] < proto["pairs"]]
+        if partial:
+            lines += [f"Pairs scored, of {proto['pairs']}: {', '.join(partial)}. A method that makes only some changes "
+                      "is scored on those, and its paired differences use the pairs both sides make.", ""]
         for cols in (main, gt):
             if cols:
                 lines += _table(["method"] + [c for c, _ in cols],

@@ -2,8 +2,12 @@
 
 Images are read from disk batch by batch (a store larger than memory works). The order is a pure function
 of (seed, step): epoch e is a permutation seeded by (seed, e), so a resumed run that starts at `start_step`
-sees exactly the batches an uninterrupted run would have seen.
+sees exactly the batches an uninterrupted run would have seen. Two groups of slices defined by one attribute
+(`Domains`, CycleGAN's) are drawn in equal numbers by `Paired`.
 """
+import re
+from dataclasses import dataclass
+
 import numpy as np
 
 from mri.store import SliceStore
@@ -12,13 +16,19 @@ from mri.store import SliceStore
 class Batches:
     """Deterministic, resumable batches of one split of a store (NumPy side)."""
 
-    def __init__(self, store, split="train", attrs=None, batch_size=32, seed=0, shuffle=True, jitter=0.0):
+    def __init__(self, store, split="train", attrs=None, batch_size=32, seed=0, shuffle=True, jitter=0.0,
+                 subset=None, name=""):
+        """`subset`: store indices to keep (e.g. one group of slices), intersected with the split; `name`
+        names that subset in errors."""
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
         self.schema = self.store.schema.select(attrs) if attrs else self.store.schema
         self.index = self.store.indices(split)
+        if subset is not None:
+            self.index = self.index[np.isin(self.index, subset)]
         if len(self.index) < batch_size:
-            raise ValueError(f"{self.store.path}: the {split!r} split has {len(self.index)} slices, "
-                             f"fewer than --batch-size {batch_size}")
+            need = f"{batch_size} a batch" if name else f"--batch-size {batch_size}"
+            raise ValueError(f"{self.store.path}: the {split!r} split has {len(self.index)} slices"
+                             f"{' of ' + name if name else ''}, fewer than {need}")
         self.y = self.store.encoded(self.index, self.schema)
         self.batch_size, self.seed, self.shuffle, self.jitter = batch_size, seed, shuffle, jitter
         self.steps_per_epoch = len(self.index) // batch_size
@@ -42,6 +52,97 @@ class Batches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+class Paired:
+    """Batches of two groups of slices in equal numbers (CycleGAN's domains): batch(step) is a's batch at `step`
+    followed by b's. Each group is its own seeded Batches, so a batch is still a pure function of the step;
+    an epoch is one pass over the larger group (the smaller one starts its next permutation sooner)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+        self.store, self.schema = a.store, a.schema
+        self.batch_size = a.batch_size + b.batch_size
+        self.steps_per_epoch = max(a.steps_per_epoch, b.steps_per_epoch)
+
+    def batch(self, step):
+        (xa, ya), (xb, yb) = self.a.batch(step), self.b.batch(step)
+        return np.concatenate([xa, xb]), np.concatenate([ya, yb])
+
+    __call__ = Batches.__call__
+
+
+DOMAINS_USAGE = ("--domains takes ATTR=CLASS_A:CLASS_B (two classes, e.g. dx=CN:Dementia) or ATTR<V:ATTR>=W (two "
+                 "disjoint ranges of one continuous attribute, e.g. age<65:age>=75; < <= > >=)")
+SIDE = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>|=)\s*(\S.*?)\s*$")
+OPS = {"=": np.equal, "<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+
+
+@dataclass(frozen=True)
+class Domains:
+    """Two disjoint groups of slices, A and B, by attribute `name`: each (operator, raw value), a class k ("=", k)."""
+    name: str
+    a: tuple
+    b: tuple
+
+    def which(self, raw):
+        """(N,) 0 for raw values in A, 1 in B, -1 in neither (`raw`: {name: (N,) raw values})."""
+        v = np.asarray(raw[self.name], np.float64)
+        return np.where(OPS[self.a[0]](v, self.a[1]), 0, np.where(OPS[self.b[0]](v, self.b[1]), 1, -1))
+
+
+def domain_attribute(spec):
+    """The attribute a --domains value names (its first word)."""
+    match = re.match(r"\s*(\w+)", spec)
+    if not match:
+        raise ValueError(f"{DOMAINS_USAGE}; got {spec!r}")
+    return match[1]
+
+
+def parse_domains(spec, schema):
+    """Domains of a --domains value (DOMAINS_USAGE), checked against `schema`: known classes, disjoint ranges."""
+    parts = spec.split(":")
+    first = SIDE.match(parts[0]) if len(parts) == 2 else None
+    second = SIDE.match(parts[1]) if first else None
+    if not first or (first[2] == "=") == bool(second):
+        raise ValueError(f"{DOMAINS_USAGE}; got {spec!r}")
+    if second and second[1] != first[1]:
+        raise ValueError(f"--domains {spec!r}: both ranges must be of one attribute")
+    attribute, sides = schema[first[1]], [first.groups()[1:], second.groups()[1:] if second else ("=", parts[1])]
+    if (attribute.kind == "continuous") == (first[2] == "="):
+        raise ValueError(f"--domains {spec!r}: {attribute.name!r} is {attribute.kind}; {DOMAINS_USAGE}")
+    try:
+        sides = [(op, class_index(attribute, v.strip()) if op == "=" else float(v)) for op, v in sides]
+    except ValueError as e:
+        raise ValueError(f"--domains {spec!r}: {e}") from None
+    # two one-sided ranges (or two points) meet, if at all, at a bound, between the bounds or beyond both
+    bounds = np.array([sides[0][1], sides[1][1]])
+    probes = np.concatenate([bounds, [bounds.mean(), bounds.min() - 1, bounds.max() + 1]])
+    if (OPS[sides[0][0]](probes, sides[0][1]) & OPS[sides[1][0]](probes, sides[1][1])).any():
+        raise ValueError(f"--domains {spec!r}: the two domains overlap")
+    return Domains(attribute.name, *sides)
+
+
+def class_index(attribute, label):
+    labels = list(attribute.classes) or ["0", "1"]
+    if label not in labels:
+        raise ValueError(f"{attribute.name!r} has the classes {labels}, not {label!r}")
+    return float(labels.index(label))
+
+
+def domain_batches(store, domains, attrs, batch_size, seed, jitter=0.0, n_samples=2):
+    """(train, samples): Paired batches of the domains' train slices, batch_size // 2 of each, seeded by 2 seed
+    and 2 seed + 1; and fixed ones for sample grids, n_samples of each domain from the val split (from the train
+    split if the val split has too few)."""
+    which = domains.which(store.attrs)
+    paired = lambda split, n, shuffle: Paired(*(
+        Batches(store, split, attrs, n, 2 * seed + k, shuffle, jitter if shuffle else 0.0, np.flatnonzero(which == k),
+                f"domain {'AB'[k]}") for k in (0, 1)))
+    try:
+        samples = paired("val", n_samples, False)
+    except ValueError:
+        samples = paired("train", n_samples, False)
+    return paired("train", batch_size // 2, True), samples
 
 
 def jitter(x, amount, rng):

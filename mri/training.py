@@ -8,7 +8,8 @@ Contract for a method model (a subclassed keras.Model):
 - randomness inside train_step comes from keras.random.SeedGenerator objects owned by the model, whose state
   is a model variable: the checkpoint holds it, so a resumed run draws the same numbers;
 - `optimizers` property: {name: optimizer};
-- `manipulate(images, source_attrs, target_attrs)` (models/__init__.py).
+- `manipulate(images, source_attrs, target_attrs)` (models/__init__.py);
+- optional `sample_columns(images, raw)`: the per-epoch grid's columns, instead of the attribute sweep.
 """
 import json
 import os
@@ -166,6 +167,11 @@ def sweep_grids(manipulate, images, raw, schema, n_steps=5):
     """Two uint8 grids, one row per image: the attribute sweep (columns = the source, then a sweep of each
     attribute: continuous mean -2..+2 std, binary 0/1, categorical every class, others held) and its change
     maps (manipulated - source, red brighter, blue darker, saturating at +-CHANGE_SCALE: VA-GAN's maps)."""
+    return column_grids(images, sweep_columns(manipulate, images, raw, schema, n_steps))
+
+
+def sweep_columns(manipulate, images, raw, schema, n_steps=5):
+    """The attribute sweep's columns, each (N, S, S, 1) (sweep_grids)."""
     columns = []
     for a in schema.attributes:
         if a.kind == "continuous":
@@ -175,6 +181,12 @@ def sweep_grids(manipulate, images, raw, schema, n_steps=5):
         for v in values:
             target = dict(raw, **{a.name: np.full(len(images), v, np.float32)})
             columns.append(np.asarray(manipulate(images, raw, target)).reshape(images.shape))
+    return columns
+
+
+def column_grids(images, columns):
+    """Two uint8 grids, one row per image: the image then its image in each column, and the change maps
+    (column - image, red brighter, blue darker, saturating at +-CHANGE_SCALE)."""
     blank = np.full(images.shape[1:3] + (3,), 255, np.uint8)
     sweep = [[grids.to_uint8(images[i, ..., 0])] + [grids.to_uint8(c[i, ..., 0]) for c in columns]
              for i in range(len(images))]
@@ -207,7 +219,8 @@ class Events:
 
 class SampleGrids:
     """Each epoch: the attribute-sweep grid of fixed validation images and its change maps, as PNGs
-    (samples/epoch_NNN.png, samples/epoch_NNN_change.png) and TensorBoard images."""
+    (samples/epoch_NNN.png, samples/epoch_NNN_change.png) and TensorBoard images. A model with a
+    `sample_columns(images, raw)` method (a list of (N, S, S, 1) images) shows those columns instead."""
 
     def __init__(self, run, batches, n=4):
         self.run = run
@@ -218,7 +231,9 @@ class SampleGrids:
         self.callback = _on_epoch_end(lambda model, epoch, logs: self(model, epoch))
 
     def __call__(self, model, epoch):
-        sweep, change = sweep_grids(model.manipulate, self.images, self.raw, self.schema)
+        columns = getattr(model, "sample_columns", None)
+        sweep, change = (column_grids(self.images, columns(self.images, self.raw)) if columns else
+                         sweep_grids(model.manipulate, self.images, self.raw, self.schema))
         grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}.png"), sweep)
         grids.write_png(os.path.join(self.run.out, "samples", f"epoch_{epoch + 1:03d}_change.png"), change)
         self.events.write(epoch + 1, images={"attribute_sweep": sweep, "change_maps": change})

@@ -4,6 +4,7 @@ The store holds disc "brains" whose dark ventricle grows and whose hippocampus (
 with age and diagnosis; a fake `mri.synthetic.counterfactual` re-renders any slice at other attributes, so
 `truth` and the ground-truth metrics can be checked exactly (the real phantom is tested when present).
 """
+import contextlib
 import importlib
 import json
 import math
@@ -397,3 +398,92 @@ def test_scripts_have_help_and_seed(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert "--seed" in out
+
+
+@contextlib.contextmanager
+def drawn_pairs():
+    """Records the pairs the evaluation draws: {attribute: (source indices, target values)}."""
+    drawn, draw = {}, evaluation.draw_pairs
+
+    def spy(store, sample, change, rng):
+        drawn[change.name] = draw(store, sample, change, rng)
+        return drawn[change.name]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "draw_pairs", spy)
+        yield drawn
+
+
+class Partial:
+    """meandiff making only some changes (`supports`): dx into Dementia, age upwards; it refuses to be called on
+    any other change than these or none."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def supports(self, source, target):
+        return np.where(target["dx"] != source["dx"], target["dx"] == 2, target["age"] > source["age"])
+
+    def manipulate(self, images, source, target):
+        same = (source["dx"] == target["dx"]) & (source["age"] == target["age"])
+        assert (self.supports(source, target) | same).all()
+        return self.inner.manipulate(images, source, target)
+
+
+def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted):
+    """On the pairs it makes, Partial is meandiff: its pair counts are those `supports` accepts, its paired
+    differences to meandiff (on the common pairs) are 0, to identity its own MSE (the floor's is 0); it makes no
+    change back (reversibility unscored); its trajectory cells are blank exactly where it supports nothing."""
+    from models.oracle import load_oracle
+    store_path, oracle_dir, _ = planted
+    with SliceStore(store_path) as store, drawn_pairs() as drawn:
+        meandiff = load_method("meandiff", store, attrs=["age", "dx"])
+        partial = Partial(meandiff)
+        m = evaluation.evaluate(store, load_oracle(oracle_dir), {"meandiff": meandiff, "partial": partial}, n=24,
+                                seed=3, batch_size=16, n_boot=200, log=lambda *a: None)
+        for name, (src, tgt) in drawn.items():
+            source = store.raw(src)
+            made = int(partial.supports(source, dict(source, **{name: tgt})).sum())
+            s, pairs = m["methods"]["partial"][name], m["protocol"][name]["pairs"]
+            assert 0 < s["pairs"] == made < pairs == m["methods"]["meandiff"][name]["pairs"]
+            assert 4 <= s["kid_pairs"] <= s["pairs"] and s["reversibility_l1"] is None
+            for k, d in s["vs"]["meandiff"].items():   # the KID needs pairs and references of two subjects
+                unscored = k == "reversibility_l1" or (k == "kid" and s["kid"] is None)
+                assert d["diff"] is None if unscored else d["diff"] == pytest.approx(0, abs=1e-6), k
+            assert s["vs"]["identity"]["mse"]["diff"] == pytest.approx(s["mse"], rel=1e-9) and s["mse"] > 0
+        assert m["methods"]["partial"]["age"]["kid"] is not None
+        report = evaluation.report_markdown(m)
+        dx = f"Pairs scored, of {m['protocol']['dx']['pairs']}: partial {m['methods']['partial']['dx']['pairs']}."
+        assert dx in report
+        idx = evaluation.trajectory_slices(store, 2, 3)
+        x, raw = store.images(idx)[..., None], dict(store.raw(idx), index=idx)
+        changes = [evaluation.change_for(store.schema[a]) for a in ("age", "dx")]
+        cols = evaluation._sweep(partial, x, raw, changes)
+        targets = [dict(raw, **{c.name: np.full(len(idx), v, np.float64)}) for c in changes for v in c.sweep]
+        for i in range(len(idx)):
+            cells = evaluation._row(x, cols, i)[1:]
+            blank = [bool((cell == 255).all()) for cell, col in zip(cells, cols) if col is not None]
+            assert blank == [not partial.supports(raw, t)[i] for t in targets]
+            assert not all(blank)
+
+
+def test_evaluate_scores_a_cyclegan_run_on_its_domains(planted, tmp_path):
+    """A tiny CycleGAN between CN and Dementia through evaluate.py: no age pair, the dx pairs between its domains."""
+    import evaluate
+    import train_cyclegan
+    store, oracle, _ = planted
+    run, out = str(tmp_path / "cyclegan"), tmp_path / "report"
+    train_cyclegan.main(["--store", store, "--out", run, "--domains", "dx=CN:Dementia", "--tiny", "--blocks", "1",
+                         "--batch-size", "4", "--epochs", "1", "--steps-per-epoch", "1"])
+    with drawn_pairs() as drawn:
+        evaluate.main(["--store", store, "--oracle", oracle, "--methods", f"identity,{run}", "--out", str(out),
+                       "--n", "24", "--batch-size", "16", "--subjects", "2", "--bootstrap", "100", "--seed", "3"])
+    m = json.load(open(out / "metrics.json"))
+    age, dx = m["methods"][run]["age"], m["methods"][run]["dx"]
+    assert age["pairs"] == 0 and age["mse"] is None and age["kid"] is None
+    src, tgt = drawn["dx"]
+    with SliceStore(store) as s:
+        between = np.isin(s.attrs["dx"][src], [0, 2]) & np.isin(tgt, [0, 2])
+    assert 0 < dx["pairs"] == between.sum() < m["protocol"]["dx"]["pairs"] and dx["mse"] > 0
+    assert dx["reversibility_l1"] > 0 and dx["vs"]["identity"]["gt_mse"]["diff"] is not None
+    report = open(out / "report.md").read()
+    assert f"Pairs scored, of 24: {run} 0." in report and "blank cells: changes" in report
