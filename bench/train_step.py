@@ -3,6 +3,7 @@
     python bench/train_step.py --method fader [--batch-size 32 --size 128 --repeats 7 --clf off|on|both]
     python bench/train_step.py --method vagan [--n-filters 16]
     python bench/train_step.py --method cyclegan [--n-filters 64]
+    python bench/train_step.py --method infogan [--n-filters 32]
 
 Prints the machine, the fp32 matmul speed measured in this process (4096x4096 tf.matmul in a tf.function,
 median of 7) and, per configuration, images/s of the compiled train step (Keras' own train function, the one
@@ -147,8 +148,28 @@ def cyclegan(args):
     return [(f"iteration, {args.batch_size // 2} of each domain", model, (x, y), (18 * g + 16 * d) // 2)]
 
 
-BUILDERS = {"fader": fader, "cgan": cgan, "vagan": vagan, "cyclegan": cyclegan}
-FILTERS = {"cyclegan": 64}   # --n-filters default per method (else 16)
+def infogan(args):
+    """InfoGAN at train_infogan's defaults (z 62, a 3-valued categorical and 2 continuous codes, trunk 32..256
+    maps and a 1024-unit layer), one model per phase: the GAN step and the encoder step."""
+    from models import infogan as method
+    schema, x, y = example_batch(args)
+    config = dict(size=args.size, z_dim=62, cat_dim=0, cont_dim=2, filters=args.n_filters, hidden=1024, tiny=False,
+                  lambda_cat=1.0, lambda_cont=0.1, seed=0, lr_g=1e-3, lr_d=2e-4, jit=args.jit)
+    out = []
+    for phase, label in enumerate(("GAN step", "encoder step")):
+        model = method.compile_from_args(method.from_args(config, schema), config)
+        model.phase.assign(phase)
+        g, t, q, e = (forward_flops(n) for n in (model.generator, model.trunk, model.q_head, model.encoder_z))
+        # GAN: G makes D's fakes (1x), T (+D) trained on real and fake (2 x 3x); then G trained (3x) through T
+        # (2x) and Q trained (3x), and T's weights trained on the MI term (a second backward through Q and T:
+        # ~1x each). Encoder: G inference (1x), E_z trained (3x).
+        flops = g + 6 * t + 3 * g + 3 * t + 4 * q if phase == 0 else g + 3 * e
+        out.append((label, model, (x, y), flops))
+    return out
+
+
+BUILDERS = {"fader": fader, "cgan": cgan, "vagan": vagan, "cyclegan": cyclegan, "infogan": infogan}
+FILTERS = {"cyclegan": 64, "infogan": 32}   # --n-filters default per method (else 16)
 
 
 def images_per_second(model, batch, repeats, iterations, warmup=3):
@@ -178,7 +199,8 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=3, help="train steps per timed run")
     p.add_argument("--clf", choices=["off", "on", "both"], default="both", help="fader: classifier discriminator")
     p.add_argument("--n-filters", type=int, default=None,
-                   help="fader, vagan (default 16), cyclegan (default 64): feature maps of the first layer")
+                   help="fader, vagan (default 16), cyclegan (default 64), infogan (default 32): feature maps of "
+                        "the first layer")
     p.add_argument("--jit", choices=["auto", "on", "off"], default="auto", help="XLA, as train_*.py --jit")
     args = p.parse_args(argv)
     if args.repeats < 5:

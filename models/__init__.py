@@ -30,7 +30,7 @@ import os
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
 RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi",
-               "cyclegan": "models.cyclegan"}
+               "cyclegan": "models.cyclegan", "infogan": "models.infogan"}
 # config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
 # feature network): such a run must not be the evaluation oracle
 AUXILIARY_ARGS = ("regressor", "features")
