@@ -37,6 +37,7 @@ from models.layers import FusedAdam, batch_norm, down, up
 from mri import training
 from mri.io import read_json, write_json
 
+MIN_CORRELATION = 0.3     # a weaker continuous code does not capture its best attribute
 TINY = dict(filters=4, hidden=32)
 CODES = "codes.json"
 MODES = ("decode", "residual")
@@ -81,7 +82,8 @@ def assign_codes(cat, mu, n_values, classes=None, candidates=None):
         rows, cols = linear_sum_assignment(-confusion)
         value_class = dict(zip(rows.tolist(), cols.tolist()))
         out["categorical"] = dict(attribute=name, classes=[value_class.get(k) for k in range(n_values)],
-                                  accuracy=float(confusion[rows, cols].sum() / max(len(labels), 1)))
+                                  accuracy=float(confusion[rows, cols].sum() / max(len(labels), 1)),
+                                  majority=float(confusion.sum(0).max() / max(len(labels), 1)))
     for j in range(mu.shape[1]):
         fits = []
         for name, v in (candidates or {}).items():
@@ -210,11 +212,15 @@ class InfoGAN(keras.Model):
         return np.concatenate([np.eye(self.cat_dim, dtype=np.float32)[cat], cont], axis=1).astype(np.float32)
 
     def captured(self):
-        """{attribute: ...} the map ties a code to (the slice position included)."""
+        """{attribute: ...} the map ties a code to (the slice position included): a continuous code with
+        |correlation| >= MIN_CORRELATION, the categorical code if its assignment beats the majority class."""
         if self.codes is None:
             raise ValueError("this InfoGAN has no code-to-attribute map (codes.json): finish its run with "
                              "train_infogan.py, which writes it after training")
-        cat, cont = self.codes["categorical"], sorted(self.codes["continuous"], key=lambda f: abs(f["correlation"]))
+        cat = self.codes["categorical"]
+        cat = cat if cat and cat["accuracy"] > cat.get("majority", 0.0) else None          # better than a constant
+        cont = sorted((f for f in self.codes["continuous"] if abs(f["correlation"]) >= MIN_CORRELATION),
+                      key=lambda f: abs(f["correlation"]))
         return {**({cat["attribute"]: cat} if cat else {}), **{f["attribute"]: f for f in cont}}   # best code last
 
     def unsupported(self):
@@ -305,7 +311,7 @@ def write_codes(model, run_dir, store, index, n_max=4096):
     write_json(os.path.join(run_dir, CODES), dict(model.codes, unsupported=model.unsupported()))
     c = model.codes["categorical"]
     lines = [f"categorical code -> {c['attribute']}: value k is class {c['classes']} (train accuracy "
-             f"{c['accuracy']:.3f})"] if c else []
+             f"{c['accuracy']:.3f}, majority class {c['majority']:.3f})"] if c else []
     lines += [f"continuous code {f['code']} -> {f['attribute']} (r = {f['correlation']:+.3f}, mu = "
               f"{f['intercept']:.4g} {f['slope']:+.4g} v)" for f in model.codes["continuous"]]
     print("\n".join(lines + [f"unsupported (no code captures them): {', '.join(model.unsupported()) or 'none'}"]))

@@ -93,6 +93,14 @@ def test_codes_are_tied_to_attributes_on_a_constructed_case():
     assert c0["correlation"] > 0.95 and c0["slope"] == pytest.approx(0.1, abs=0.01)
     assert c1["correlation"] == pytest.approx(np.corrcoef(age, mu[:, 1])[0, 1]) and c1["correlation"] < -0.5
     assert c1["slope"] == pytest.approx(-1 / 20, abs=0.01)
+    assert codes["categorical"]["majority"] == pytest.approx(np.bincount(dx).max() / n)
+    # weak codes capture nothing: a continuous code below MIN_CORRELATION, a categorical one at chance
+    weak = infogan.assign_codes(rng.integers(0, 3, n), np.stack([mu[:, 0], rng.normal(0, 1, n)], 1), 3,
+                                ("dx", dx, 3), {"age": age})
+    model = infogan.InfoGAN.__new__(infogan.InfoGAN)
+    model.codes, model.schema = weak, type("S", (), {"names": ["age", "dx"]})()
+    assert abs(weak["continuous"][0]["correlation"]) < infogan.MIN_CORRELATION
+    assert model.unsupported() == ["age", "dx"]
 
 
 def test_exact_resume_across_the_phase_boundary(straight):
