@@ -298,25 +298,34 @@ def manipulate_slab(method, slab, source, targets, index, batch_size):
     """{target name: manipulated slab (slices, S, S)} for each target, batched, with a progress bar. Besides
     the attributes, every call gets "slice", the slab's axial positions (0 = most inferior, as the store's
     `slice`; methods that need positions read it), and "index", store indices, when there are any.
+    A target the method does not make (its `supports`, e.g. CycleGAN outside its domains) is refused before any
+    slice is computed.
 
     A target equal to the source is run like any other: the methods that return their input at unchanged
     attributes by construction (identity, meandiff, Fader's and DFI's residual modes, VA-GAN) return the
     source exactly, and the others (Fader's decode mode, cGAN, truth's re-rendering) show their reconstruction."""
     from tqdm import tqdm
+    from mri.evaluation import supported
     n = len(slab)
     x = slab[..., None].astype(np.float32)
+    src = {k: np.full(n, v, np.float64) for k, v in source.items()}
+    src["slice"] = np.arange(n)                                     # the slab's axial positions
+    if index is not None:
+        src["index"] = np.asarray(index)
+    jobs = [(name, dict(src, **{k: np.full(n, v, np.float64) for k, v in change.items()})) for name, change in targets]
+    for name, tgt in jobs:            # before any work: a method that makes only some changes (its `supports`)
+        if not supported(method, src, tgt, n).all():
+            raise ValueError(f"the method does not make the change to {name} from the source "
+                             f"({', '.join(f'{k}={v}' for k, v in source.items())}): choose targets it supports "
+                             "(a CycleGAN run: a target in the other domain of its --domains)")
     out = {}
-    with tqdm(total=n * len(targets), desc="slices", unit="slice") as bar:
-        for name, change in targets:
+    with tqdm(total=n * len(jobs), desc="slices", unit="slice") as bar:
+        for name, tgt in jobs:
             parts = []
             for start in range(0, n, batch_size):
                 b = slice(start, min(n, start + batch_size))
-                src = {k: np.full(b.stop - b.start, v, np.float64) for k, v in source.items()}
-                tgt = dict(src, **{k: np.full(b.stop - b.start, v, np.float64) for k, v in change.items()})
-                src["slice"] = tgt["slice"] = np.arange(b.start, b.stop)   # the slab's axial positions
-                if index is not None:
-                    src["index"] = tgt["index"] = index[b]
-                y = np.asarray(method.manipulate(x[b], src, tgt), np.float32)
+                y = np.asarray(method.manipulate(x[b], {k: v[b] for k, v in src.items()},
+                                                 {k: v[b] for k, v in tgt.items()}), np.float32)
                 parts.append(y.reshape(b.stop - b.start, *slab.shape[1:]))
                 bar.update(b.stop - b.start)
             out[name] = np.concatenate(parts)

@@ -193,6 +193,24 @@ def test_methods_get_the_slab_positions_in_batches(scans, store_path, tmp_path, 
         assert tgt["dx"].tolist() == [2] * n and tgt["age"].tolist() == [75] * n
 
 
+def test_a_change_the_method_does_not_make_stops_before_any_work(scans, store_path, tmp_path, monkeypatch):
+    calls = []
+
+    class DxOnly:                     # makes diagnosis changes only, as a CycleGAN between two classes
+        def supports(self, source_attrs, target_attrs):
+            return source_attrs["age"] == target_attrs["age"]
+
+        def manipulate(self, images, source_attrs, target_attrs):
+            calls.append(len(images))
+            return images
+
+    monkeypatch.setattr(simulation, "load_method", lambda *a: DxOnly())
+    with pytest.raises(SystemExit, match="does not make the change to age_80.*choose targets it supports"):
+        simulate("--method", "identity", "--store", store_path, "--input", scans["ras"], "--source", "age=70,dx=CN",
+                 "--dx", "Dementia", "--age", "80", "--out", tmp_path / "o")
+    assert calls == [] and not os.path.exists(tmp_path / "o")
+
+
 def test_meandiff_uses_the_model_of_each_slab_position(scans, store_path, tmp_path, capsys):
     from models.baselines import MeanDiff, design
     size, slices, spacing = geometry(store_path)
