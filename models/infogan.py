@@ -5,7 +5,10 @@ Codes: z ~ U(-1, 1)^z_dim, one categorical code k ~ U{0..cat_dim-1} (c_cat its o
 codes c_cont ~ U(-1, 1); c = [c_cat, c_cont]. Networks (f = filters, 32 by default; LeakyReLU 0.2 everywhere):
     G      [z, c] -> image       Dense to (S/16)^2 x 8f, BN; ConvTranspose 4x4 stride 2 to 4f, 2f, f (BN), then to
                                  1 with tanh (8->16->32->64->128 at 128 px).
-    T      image -> h            the shared trunk: Conv 4x4 stride 2 to f (no BN), 2f, 4f, 8f (BN), Dense `hidden` + BN.
+    T      image -> h            the shared trunk: Conv 4x4 stride 2 to f (no BN), 2f, 4f, 8f (BN), Dense `hidden`
+                                 without BN: D sees real and fake slices in separate batches, and a per-batch
+                                 normalised dense layer gives both batches the same mean logit (D cannot learn;
+                                 G then drifts to noise).
     D      h -> logit s          Dense 1.                Q  h -> (l, mu, log sigma)  Dense 128 + BN, Dense.
     E_z    image -> z            T's architecture (own weights), Dense z_dim.
 Losses (batch means; x real slices; G = G(z, c); (l, mu, log sigma) = Q(T(G)); sigma(.) the sigmoid):
@@ -13,9 +16,10 @@ Losses (batch means; x real slices; G = G(z, c); (l, mu, log sigma) = Q(T(G)); s
     L_MI = lambda_cat CE(l, k) + lambda_cont mean_j [log sigma_j + (c_j - mu_j)^2 / (2 sigma_j^2)]
     L_GQ = -log sigma(D(T(G))) + L_MI
 Training has two phases, recorded in the non-trainable `phase` variable (as models/cgan.py):
-    phase 0  T, D minimise L_D (D's Adam);  G, Q minimise L_GQ and T minimises L_MI alone (G/Q's Adam, fresh codes).
-             The MI term trains the shared trunk, as the original does (a widely copied PyTorch version leaves it
-             out, and its noise then has no effect once the codes are fixed); the adversarial term does not.
+    phase 0  T, D minimise L_D + L_MI (D's Adam, L_MI on the step's fakes); then G, Q minimise L_GQ (G/Q's Adam,
+             fresh codes). The MI term trains the shared trunk, as the original does (its -MI is in both losses,
+             the trunk in D's variables; a widely copied PyTorch version leaves it out, and its noise then has no
+             effect once the codes are fixed). One optimizer per variable: the trunk moves only with D's Adam.
     phase 1  E_z minimises |E_z(G(z, c)) - z|^2 (G fixed).
 After training, `write_codes` ties the codes to attributes on the train split (stored as the run's codes.json):
 the categorical values to the diagnosis classes by optimal assignment on Q's predictions, each continuous code
@@ -58,7 +62,7 @@ def trunk(size, filters=32, hidden=1024, out=None, name="trunk"):
     h = x
     for k in (1, 2, 4, 8):
         h = down(h, k * filters, norm=k > 1)
-    h = layers.LeakyReLU(0.2)(batch_norm()(layers.Dense(hidden, use_bias=False)(layers.Flatten()(h))))
+    h = layers.LeakyReLU(0.2)(layers.Dense(hidden)(layers.Flatten()(h)))        # no BN here: module docstring
     return keras.Model(x, h if out is None else layers.Dense(out)(h), name=name)
 
 
@@ -123,7 +127,7 @@ class InfoGAN(keras.Model):
         super().compile(optimizer=None, jit_compile=jit_compile)
         self.d_optimizer, self.g_optimizer, self.e_optimizer = d_optimizer, g_optimizer, e_optimizer
         d_optimizer.build(self.d_weights)
-        g_optimizer.build(self.gq_weights + self.trunk.trainable_weights)
+        g_optimizer.build(self.gq_weights)
         e_optimizer.build(self.encoder_z.trainable_weights)
 
     d_weights = property(lambda self: self.trunk.trainable_weights + self.d_head.trainable_weights)
@@ -160,33 +164,37 @@ class InfoGAN(keras.Model):
         return {"phase": self.phase, **{m.name: m.result() for m in self.metrics}}
 
     def gan_step(self, x):
-        """A D step (L_D), then a G/Q step (L_GQ, the trunk on L_MI) with fresh codes."""
+        """A D step (L_D + L_MI on T, D), then a G/Q step (L_GQ) with fresh codes."""
         for name, v in zip(("d_loss", "g_loss", "cat_ce", "cont_nll"), (self.d_step(x), *self.g_step(ops.shape(x)[0]))):
             self.trackers[name].update_state(v)
 
+    def mi_loss(self, h, k, c, training=True):
+        """L_MI = lambda_cat CE + lambda_cont NLL of Q on trunk features h of fakes with codes (k, c); (L_MI, CE, NLL)."""
+        ce, nll = self.info_terms(self.q(h, training=training), k, c)
+        return self.lambda_cat * ce + self.lambda_cont * nll, ce, nll
+
     def d_step(self, x):
-        """T and D minimise L_D = BCE(D(T(x)), 1) + BCE(D(T(G(z, c))), 0); returns L_D."""
-        z, _, c = self.sample_codes(ops.shape(x)[0])
+        """T and D minimise L_D + L_MI, L_D = BCE(D(T(x)), 1) + BCE(D(T(G(z, c))), 0), L_MI on the same fakes (Q's
+        head is not moved here); returns L_D."""
+        z, k, c = self.sample_codes(ops.shape(x)[0])
         fake = self.generate(z, c, training=True)
         with tf.GradientTape() as tape:
-            loss = bce(1.0, self.d_head(self.trunk(x, training=True))) + \
-                bce(0.0, self.d_head(self.trunk(fake, training=True)))
-        self.d_optimizer.apply(tape.gradient(loss, self.d_weights), self.d_weights)
+            h = self.trunk(fake, training=True)
+            loss = bce(1.0, self.d_head(self.trunk(x, training=True))) + bce(0.0, self.d_head(h))
+            total = loss + self.mi_loss(h, k, c)[0]
+        self.d_optimizer.apply(tape.gradient(total, self.d_weights), self.d_weights)
         return loss
 
     def g_step(self, n):
-        """G and Q minimise L_GQ = BCE(D(T(G)), 1) + lambda_cat CE + lambda_cont NLL, the trunk T L_MI alone (the
-        adversarial term does not train it); fresh codes. Returns (BCE, CE, NLL)."""
+        """G and Q minimise L_GQ = BCE(D(T(G)), 1) + lambda_cat CE + lambda_cont NLL (T and D fixed); fresh codes.
+        Returns (BCE, CE, NLL)."""
         z, k, c = self.sample_codes(n)
-        with tf.GradientTape(persistent=True) as tape:
+        with tf.GradientTape() as tape:
             h = self.trunk(self.generate(z, c, training=True), training=True)
             adv = bce(1.0, self.d_head(h))
-            ce, nll = self.info_terms(self.q(h, training=True), k, c)
-            mi = self.lambda_cat * ce + self.lambda_cont * nll
-            loss = adv + mi
-        t = self.trunk.trainable_weights
-        grads = tape.gradient(loss, self.gq_weights) + tape.gradient(mi, t)
-        self.g_optimizer.apply(grads, self.gq_weights + t)
+            mi, ce, nll = self.mi_loss(h, k, c)
+            total = adv + mi
+        self.g_optimizer.apply(tape.gradient(total, self.gq_weights), self.gq_weights)
         return adv, ce, nll
 
     def encoder_step(self, n):
@@ -291,7 +299,7 @@ def from_args(args, schema, mode="decode"):
 
 
 def compile_from_args(model, args):
-    """Adam with betas (0.5, 0.99): D (and the trunk under L_D) at lr_d, G and Q at lr_g, E_z at lr_g."""
+    """Adam with betas (0.5, 0.99): D and the trunk (under L_D + L_MI) at lr_d, G and Q at lr_g, E_z at lr_g."""
     adam = lambda lr: FusedAdam(lr, beta_1=0.5, beta_2=0.99)
     model.compile(adam(args["lr_d"]), adam(args["lr_g"]), adam(args["lr_g"]), jit_compile=training.jit_compile(args["jit"]))
     return model
