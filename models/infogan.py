@@ -23,7 +23,9 @@ Training has two phases, recorded in the non-trainable `phase` variable (as mode
     phase 1  E_z minimises |E_z(G(z, c)) - z|^2 (G fixed).
 After training, `write_codes` ties the codes to attributes on the train split (stored as the run's codes.json):
 the categorical values to the diagnosis classes by optimal assignment on Q's predictions, each continuous code
-to the attribute (continuous ones, or the slice position) mu_j correlates with best, by the fit mu_j = a + b v.
+to the attribute (continuous ones, or the slice position) mu_j correlates with best, by the fit mu_j = a + b v;
+and it records what every code carries for every attribute (`associations`: Pearson r, correlation ratio eta,
+Cramer's V), whether or not it is tied.
 manipulate: c_hat = (argmax l, mu) of Q(T(x)) with every mapped code set from the attributes (k = the value
 assigned to the class; c_j = clip(a + b v, -1, 1)); decode x' = G(E_z(x), c_hat(target)); residual
 x' = x + G(E_z(x), c_hat(target)) - G(E_z(x), c_hat(source)), exactly x at unchanged attributes.
@@ -35,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 from scipy.optimize import linear_sum_assignment
+from scipy.stats.contingency import association
 
 from models.cgan import bce
 from models.layers import FusedAdam, batch_norm, down, up
@@ -96,6 +99,38 @@ def assign_codes(cat, mu, n_values, classes=None, candidates=None):
             slope, intercept = np.polyfit(v, m, 1) if v.std() > 0 else (0.0, m.mean())
             fits.append(dict(code=j, attribute=name, correlation=float(r), slope=float(slope), intercept=float(intercept)))
         out["continuous"] += [max(fits, key=lambda f: abs(f["correlation"]))] if fits else []
+    return out
+
+
+def correlation_ratio(groups, v):
+    """eta = sqrt(SS_between / SS_total) of values v grouped by `groups`: the share of v's spread that the group
+    means explain (0: none, 1: v is a function of the group)."""
+    v = np.asarray(v, np.float64)
+    total = np.sum((v - v.mean()) ** 2)
+    between = sum(np.sum(groups == g) * (v[groups == g].mean() - v.mean()) ** 2 for g in np.unique(groups))
+    return float(np.sqrt(between / total)) if total > 0 else 0.0
+
+
+def cramers_v(a, b):
+    """Cramer's V of two labelings (non-negative integers): 0 independent, 1 one determines the other."""
+    table = np.zeros((a.max() + 1, b.max() + 1), np.int64)
+    np.add.at(table, (a, b), 1)
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]            # values that never occur
+    return float(association(table, method="cramer")) if min(table.shape) > 1 else 0.0
+
+
+def associations(cat, mu, continuous, categorical):
+    """What each code carries, for every attribute: {"categorical": {attribute: value}, "continuous j":
+    {attribute: value}}. Categorical code: eta of each `continuous` attribute {name: (N,)} by its value, Cramer's
+    V with each `categorical` one {name: (N,) class indices}; continuous code j: Pearson r of mu_j with each
+    continuous attribute, eta of mu_j by class for a categorical one."""
+    out = {"categorical": {**{n: correlation_ratio(cat, v) for n, v in continuous.items()},
+                           **{n: cramers_v(cat, v) for n, v in categorical.items()}}}
+    for j in range(mu.shape[1]):
+        m = mu[:, j].astype(np.float64)
+        out[f"continuous {j}"] = {**{n: float(np.corrcoef(np.asarray(v, np.float64), m)[0, 1]) if np.std(v) * m.std() > 0
+                                     else 0.0 for n, v in continuous.items()},
+                                  **{n: correlation_ratio(v, m) for n, v in categorical.items()}}
     return out
 
 
@@ -316,12 +351,17 @@ def write_codes(model, run_dir, store, index, n_max=4096):
     candidates = dict({a.name: raw[a.name] for a in model.schema.attributes if a.kind == "continuous"},
                       slice=store.slice[idx].astype(np.float64))
     model.codes = assign_codes(cat, mu, model.cat_dim, dx and (dx.name, raw[dx.name].astype(int), dx.width), candidates)
+    classes = {a.name: raw[a.name].astype(int) for a in model.schema.attributes if a.kind == "categorical"}
+    model.codes["associations"] = associations(cat, mu, candidates, classes)
     write_json(os.path.join(run_dir, CODES), dict(model.codes, unsupported=model.unsupported()))
     c = model.codes["categorical"]
     lines = [f"categorical code -> {c['attribute']}: value k is class {c['classes']} (train accuracy "
              f"{c['accuracy']:.3f}, majority class {c['majority']:.3f})"] if c else []
     lines += [f"continuous code {f['code']} -> {f['attribute']} (r = {f['correlation']:+.3f}, mu = "
               f"{f['intercept']:.4g} {f['slope']:+.4g} v)" for f in model.codes["continuous"]]
+    measure = lambda code, n: ("eta", "V")[n in classes] if code == "categorical" else ("r", "eta")[n in classes]
+    lines += [f"{code} code: " + ", ".join(f"{n} {measure(code, n)} {v:+.3f}" for n, v in values.items())
+              for code, values in model.codes["associations"].items()]
     print("\n".join(lines + [f"unsupported (no code captures them): {', '.join(model.unsupported()) or 'none'}"]))
     return model.codes
 

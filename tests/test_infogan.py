@@ -88,6 +88,7 @@ def test_toy_q_recovers_the_codes_of_generated_shapes():
 
 
 def test_codes_are_tied_to_attributes_on_a_constructed_case():
+    from scipy.stats import chi2_contingency
     from models import infogan
     rng = np.random.default_rng(0)
     n = 600
@@ -105,6 +106,18 @@ def test_codes_are_tied_to_attributes_on_a_constructed_case():
     assert c1["correlation"] == pytest.approx(np.corrcoef(age, mu[:, 1])[0, 1]) and c1["correlation"] < -0.5
     assert c1["slope"] == pytest.approx(-1 / 20, abs=0.01)
     assert codes["categorical"]["majority"] == pytest.approx(np.bincount(dx).max() / n)
+    # what each code carries, against definitions computed another way: eta^2 = R^2 of a least-squares fit on
+    # the groups' one-hot columns, Cramer's V from the chi-square statistic
+    carried = infogan.associations(cat, mu, {"age": age, "slice": position}, {"dx": dx})
+    r2 = lambda groups, v: 1 - np.sum((v - np.eye(groups.max() + 1)[groups] @ np.linalg.lstsq(
+        np.eye(groups.max() + 1)[groups], v, rcond=None)[0]) ** 2) / np.sum((v - v.mean()) ** 2)
+    assert carried["categorical"]["slice"] == pytest.approx(np.sqrt(r2(cat, position)))
+    assert carried["continuous 1"]["dx"] == pytest.approx(np.sqrt(r2(dx, mu[:, 1])))
+    assert carried["continuous 0"]["slice"] == pytest.approx(c0["correlation"]) and carried["continuous 0"]["slice"] > 0.95
+    table = np.zeros((4, 3))
+    np.add.at(table, (cat, dx), 1)
+    chi2 = chi2_contingency(table, correction=False)[0]
+    assert carried["categorical"]["dx"] == pytest.approx(np.sqrt(chi2 / (n * 2))) and carried["categorical"]["dx"] > 0.8
     # weak codes capture nothing: a continuous code below MIN_CORRELATION, a categorical one at chance
     weak = infogan.assign_codes(rng.integers(0, 3, n), np.stack([mu[:, 0], rng.normal(0, 1, n)], 1), 3,
                                 ("dx", dx, 3), {"age": age})
