@@ -160,10 +160,10 @@ def infogan(args):
         model = method.compile_from_args(method.from_args(config, schema), config)
         model.phase.assign(phase)
         g, t, q, e = (forward_flops(n) for n in (model.generator, model.trunk, model.q_head, model.encoder_z))
-        # GAN: G makes D's fakes (1x), T (+D) trained on real and fake (2 x 3x); then G trained (3x) through T
-        # (2x) and Q trained (3x), and T's weights trained on the MI term (a second backward through Q and T:
-        # ~1x each). Encoder: G inference (1x), E_z trained (3x).
-        flops = g + 6 * t + 3 * g + 3 * t + 4 * q if phase == 0 else g + 3 * e
+        # GAN: G makes D's fakes (1x), T (+D) trained on real and fake (2 x 3x) with Q back-propagated into T on
+        # the fakes (L_MI, 2x); then G trained (3x) through T (2x) and Q trained (3x). Encoder: G inference (1x),
+        # E_z trained (3x).
+        flops = g + 6 * t + 2 * q + 3 * g + 2 * t + 3 * q if phase == 0 else g + 3 * e
         out.append((label, model, (x, y), flops))
     return out
 
