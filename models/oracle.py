@@ -98,17 +98,23 @@ class Oracle:
         return self.schema.decode_logits(self.outputs(images, batch_size)[1])
 
 
-def split_metrics(oracle, store, split="val", batch_size=64):
-    """Per attribute on a split, in raw units: accuracy (binary/categorical) or MAE (continuous), beside the
-    trivial reference (majority class / predicting the train mean) so the numbers can be judged."""
+def split_predictions(oracle, store, split, batch_size=64):
+    """(indices of the split's slices, {name: (N,) raw predictions}), read from the store a batch at a time."""
     idx = store.indices(split)
     preds = {n: [] for n in oracle.schema.names}
     for i in range(0, len(idx), batch_size):
         for n, v in oracle.predict_raw(store.images(idx[i:i + batch_size]), batch_size).items():
             preds[n].append(v)
+    return idx, {n: np.concatenate(v) if v else np.zeros(0) for n, v in preds.items()}
+
+
+def split_metrics(oracle, store, split="val", batch_size=64):
+    """Per attribute on a split, in raw units: accuracy (binary/categorical) or MAE (continuous), beside the
+    trivial reference (majority class / predicting the train mean) so the numbers can be judged."""
+    idx, preds = split_predictions(oracle, store, split, batch_size)
     out = {}
     for a in oracle.schema.attributes:
-        p, t = np.concatenate(preds[a.name]), store.attrs[a.name][idx]
+        p, t = preds[a.name], store.attrs[a.name][idx]
         if a.kind == "continuous":
             out[a.name] = {"mae": float(np.mean(np.abs(p - t))), "mae_predicting_train_mean": float(np.mean(np.abs(a.mean - t))), "n": len(idx)}
         else:

@@ -456,17 +456,13 @@ def oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed):
     """The oracle on the store's whole test split, with subject-bootstrap intervals: MAE (and that of
     predicting the train mean) for continuous attributes; accuracy, balanced accuracy (mean per-class recall;
     chance = 1 / classes) and the majority-class accuracy for the others."""
-    idx = store.indices("test")
-    preds = {n: [] for n in names}
-    for i in range(0, len(idx), batch_size):
-        p = oracle.predict_raw(store.images(idx[i:i + batch_size]), batch_size)
-        for n in names:
-            preds[n].append(p[n])
+    from models.oracle import split_predictions
+    idx, preds = split_predictions(oracle, store, "test", batch_size)
     groups = store.subject[idx]
     boot = stats.SubjectBootstrap(groups, n_boot, seed)
     out = {"n": len(idx), "subjects": len(boot.subjects)}
     for n in names:
-        a, p, t = store.schema[n], np.concatenate(preds[n]), store.attrs[n][idx].astype(np.float64)
+        a, p, t = store.schema[n], preds[n], store.attrs[n][idx].astype(np.float64)
         if a.kind == "continuous":
             mae, ci = boot.interval(np.abs(p - t), groups)
             out[n] = {"mae": mae, "ci": {"mae": ci}, "mae_predicting_train_mean": float(np.mean(np.abs(a.mean - t)))}
