@@ -212,14 +212,20 @@ class _pool:
             self.pool.join()
 
 
-SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "noise_seed", "IMAGEUID")
+SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "noise_seed", "IMAGEUID",
+                           "synthetic_version")
 
 
-def synthetic_config(cfg, n_subjects, volumes_dir):
-    """Generate the phantom cohort (NIfTI + ADNIMERGE-style CSV) and point `cfg` at it: the store is then
-    built through the same `adni` preset path as real data, keeping the ground-truth columns."""
+def synthetic_config(cfg, n_subjects, volumes_dir, version=1):
+    """Generate the phantom cohort (NIfTI + ADNIMERGE-style CSV) of anatomy `version` and point `cfg` at it: the
+    store is then built through the same `adni` preset path as real data, keeping the ground-truth columns
+    (the version included, so `mri.synthetic.counterfactual` re-renders with the store's own anatomy)."""
     from mri import synthetic
-    csv_path = synthetic.write_cohort(n_subjects, volumes_dir, seed=cfg.seed, workers=cfg.workers)
+    try:
+        csv_path = synthetic.write_cohort(n_subjects, volumes_dir, seed=cfg.seed, workers=cfg.workers,
+                                          version=version)
+    except ValueError as e:
+        raise cohorts.CohortError(str(e)) from e
     return PrepConfig(**dict(cfg.__dict__, images=volumes_dir, csv=csv_path, preset="adni",
                              keep_columns=SYNTHETIC_TRUTH_COLUMNS,
-                             extra={"synthetic": {"subjects": n_subjects, "seed": cfg.seed}}))
+                             extra={"synthetic": {"subjects": n_subjects, "seed": cfg.seed, "version": version}}))

@@ -2,9 +2,10 @@
 
 Each subject is a skull-stripped 3D brain (1.5 mm voxels, RAS) built from implicit surfaces in an MNI-like
 template frame: cerebrum (with temporal lobes), cerebellum and brainstem; a ~2.8 mm cortical grey-matter
-ribbon with radial sulci, the interhemispheric and Sylvian fissures, white matter, deep grey nuclei
-(thalamus, caudate head, putamen), C-shaped lateral ventricles (frontal/occipital/temporal horns), a third
-ventricle, two hippocampi and subarachnoid CSF up to a fixed inner-skull hull. Subject identity = random
+ribbon with radial sulci (version 1; folded in version 2, see below), the interhemispheric and Sylvian
+fissures, white matter, deep grey nuclei (thalamus, caudate head, putamen), C-shaped lateral ventricles
+(frontal/occipital/temporal horns), a third ventricle, two hippocampi and subarachnoid CSF up to a fixed
+inner-skull hull. Subject identity = random
 size, pose, smooth deformation, gyral pattern, ventricle and hippocampus size, ribbon thickness.
 
 Aging and disease move surfaces, never cross-fade intensities: every structure is a level set whose level
@@ -30,11 +31,45 @@ subject is still CN (preclinical AD: hippocampal atrophy precedes symptoms). Log
 out near the meta-analytic ~13 % for MCI and ~24 % for AD (Shi et al. 2009, Hum Brain Mapp); without it
 the diagnoses differed by a few per cent and no slice classifier could tell them apart.
 
-Contrast: WM 1.0, cortical GM 0.77 (median ~0.72 after partial volume), deep GM 0.80, hippocampus 0.78,
-CSF 0.30, background 0; then a Gaussian partial-volume blur (sigma 0.8 voxel), a smooth multiplicative bias
-field (about +-8 %) and Rician noise (sigma 0.025); bias and noise are seeded per scan.
+Contrast (version 1): WM 1.0, cortical GM 0.77 (median ~0.72 after partial volume), deep GM 0.80,
+hippocampus 0.78, CSF 0.30, background 0; then a Gaussian partial-volume blur (sigma 0.8 voxel), a smooth
+multiplicative bias field (about +-8 %; version 2 +-3 %) and Rician noise (sigma 0.025); bias and noise are
+seeded per scan.
 
-Volumes are stored as int16 with scl_slope 2**-10 (`quantise` is that round trip).
+Anatomy versions (`VERSIONS`; a cohort records its own in the CSV column `synthetic_version`, and every
+renderer takes it, so a store is always re-rendered with the anatomy it was built from). Everything above
+holds for both; version 1 is the anatomy described above, kept bit for bit (the published results' cohort).
+Version 2 changes the anatomy and contrast towards real T1 scans, each change chosen by the realism report
+(bench/realism.py against two real brains, the ICBM152 2009a template and Colin27, reference/README.md):
+
+    folding      sulci are the zero sheets of an isotropic band-limited 3D field (wavelength 20 mm; the real
+                 references' dominant cortical wavelength is 20-23 mm), so they meander and branch instead of
+                 pointing at the centre; kept where the sheet leans less than ~50 degrees from the surface normal,
+                 down to 15-36 mm below the smooth hull (or to the envelope of the basal ganglia), 30 % deeper
+                 at the base than at the vertex (measured: the GM share by slice position);
+                 sulci closed at age 50 (0.2 mm CSF slit: real young sulci are mostly GM against GM) and
+                 opened by atrophy. The ribbon lines the sulcal walls, so white matter reaches into the gyri.
+    ribbon       3.2-3.6 mm at age 50 (real cortex 2.5-3 mm, Fischl & Dale 2000, PNAS; thicker here so that,
+                 after 1.5 mm voxels and partial volume, the GM share of the brain comes out near the real
+                 references' ~0.45, the ICBM152 tissue maps' 0.49)
+    contrast     cortical GM 0.79, deep GM 0.81, hippocampus 0.79, CSF 0.33, brainstem 0.88 (own label;
+                 pons darker than cerebral WM); measured class means after partial volume CSF / GM / WM
+                 -0.36 / 0.37 / 0.79 on the [-1, 1] scale against the real references' -0.30 / 0.38 / 0.81
+    CSF          0.0-0.5 mm of subarachnoid CSF outside the smooth hull (v1 2-3.5 mm; skull-stripped real
+                 scans keep little), a 1 mm interhemispheric fissure (v1 2 mm), cerebellar folia 14 mm deep
+                 with 0.4 mm slits (v1 8 mm, 1 mm): the CSF share at cohort ages near the real ~0.09
+    shape        cerebrum half heights 60 / 46 mm above / below its centre (v1 64 / 40) and a larger cerebellum
+                 reaching up to the tentorium (half axes 50, 33, 27 mm, z -63 to -9, about its extent in MNI
+                 space; v1 46, 30, 19), so the slab centred on the brain's centre of mass cuts nearly the
+                 anatomy it cuts in real scans (measured: the GM share of the inferior slices)
+    pose         rotations sd 1.7 / 0.7 / 0.7 degrees (pitch / roll / yaw; v1 3.4 / 2.3 / 2.3): real scans in
+                 canonical (MNI-like) orientation are tilted by about a degree; the smooth warp is mirror
+                 symmetric up to 30 % of its antisymmetric part (hemispheres of one brain are near mirror images)
+    bias         sd 1.5 % of the log (about +-3 %; v1 4 %, +-8 %): what N3 correction leaves in ADNI's
+                 preprocessed MPRAGE
+
+Volumes are stored as int16 with scl_slope 2**-10 (`quantise` is that round trip); version 2 files carry
+"synthetic cohort v2" in the NIfTI description (version 1 files are unchanged, with none).
 
 Not modelled: skull, scalp, eyes, vessels, dura/falx, choroid plexus, the fourth ventricle, cerebellar
 and brainstem atrophy beyond the global surface offset, amyloid/tau, motion, scanner and protocol effects
@@ -65,14 +100,22 @@ ANNUAL_CHANGE = {  # fractional volume change per year, compounding
     "brain": {"CN": -0.0045, "MCI": -0.007, "Dementia": -0.010},
     "ventricles": {"CN": 1.2 ** 0.1 - 1.0, "MCI": 0.035, "Dementia": 0.05},
 }
-LABELS = ("background", "csf", "gm", "wm", "deep_gm", "hippocampus", "ventricle", "third_ventricle", "wmh")
+LABELS = ("background", "csf", "gm", "wm", "deep_gm", "hippocampus", "ventricle", "third_ventricle", "wmh",
+          "brainstem")  # brainstem: version 2 only (WM in version 1)
 INTENSITY = np.array([0.0, 0.30, 0.77, 1.0, 0.80, 0.78, 0.30, 0.30, 0.80], np.float32)
-BRAIN_LABELS = (2, 3, 4, 5, 8)
+INTENSITY_V2 = np.array([0.0, 0.33, 0.79, 1.0, 0.81, 0.79, 0.33, 0.33, 0.81, 0.88], np.float32)
+SULCAL_WAVELENGTH = 20.0  # version 2 folding (mm; see the module docstring): of the sulcal field,
+SULCAL_DEPTH = 30.0  # mean depth below the smooth hull (x 0.5-1.5 by a slow field),
+SULCAL_HALF_WIDTH = 0.1  # CSF slit at age 50,
+SULCAL_MAX_COS = 0.75  # largest |cos| between sheet and surface normals (sheet leaning < ~50 degrees),
+SULCAL_GATE_MM = 15.0  # over which a sheet fades beyond it
+BRAIN_LABELS = (2, 3, 4, 5, 8, 9)
 NOISE_SIGMA = 0.025
 BLUR_VOXELS = 0.8
 STORAGE_SLOPE = 2.0 ** -10  # int16 step of the stored volumes (exact in float32)
+VERSIONS = (1, 2)  # anatomy generations (see the module docstring); a cohort records its own
 COLUMNS = ("PTID", "VISCODE", "AGE", "Years_bl", "DX", "DX_bl", "ADAS13", "MMSE", "FAQ", "PTGENDER",
-           "PTEDUCAT", "IMAGEUID", "subject_seed", "onset_age", "noise_seed")
+           "PTEDUCAT", "IMAGEUID", "subject_seed", "onset_age", "noise_seed", "synthetic_version")
 
 _BRAIN_CENTRE = np.array([0.0, -17.0, 18.0], np.float32)  # template (MNI-like) point placed at _WORLD_CENTRE
 _WORLD_CENTRE = np.array([0.0, 0.0, 3.0], np.float32)
@@ -162,8 +205,9 @@ def _months(viscode):
     return 0 if viscode == "bl" else int(viscode.lstrip("m"))
 
 
-def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24")):
-    """ADNIMERGE-like rows (one per scan) of a phantom cohort, plus the ground-truth keys.
+def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24"), version=1):
+    """ADNIMERGE-like rows (one per scan) of a phantom cohort, plus the ground-truth keys (the anatomy
+    `version` included; the table itself is the same for every version).
 
     Baseline mix ~35 % CN (a quarter of them reach MCI some years later), ~45 % MCI (EMCI in the first
     1.5 years of the stage, LMCI after), ~20 % Dementia; MCI subjects convert when their clock reaches
@@ -189,7 +233,8 @@ def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24")):
         subject = {"PTID": f"{rng.choice(_SITES):03d}_S_{number:04d}", "AGE": age, "DX_bl": dx_bl,
                    "PTGENDER": "Male" if rng.random() < 0.55 else "Female",
                    "PTEDUCAT": int(np.clip(round(rng.normal(16.0, 2.8)), 6, 20)),
-                   "subject_seed": int(rng.integers(1, 2 ** 31 - 1)), "onset_age": onset}
+                   "subject_seed": int(rng.integers(1, 2 ** 31 - 1)), "onset_age": onset,
+                   "synthetic_version": _check_version(version)}
         reserve = rng.normal()
         for viscode in visits:
             months = _months(viscode)
@@ -210,6 +255,19 @@ def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24")):
             row["FAQ"] = int(np.clip(round(faq), 0, 30))
             rows.append({k: row[k] for k in COLUMNS})
     return rows
+
+
+def _check_version(version):
+    """The anatomy version as an int, or ValueError."""
+    if int(version) not in VERSIONS:
+        raise ValueError(f"unknown synthetic cohort version {version!r}; expected one of {VERSIONS}")
+    return int(version)
+
+
+def row_version(row):
+    """The anatomy version a cohort row was rendered with (rows and stores from before versions: 1)."""
+    v = row.get("synthetic_version", 1)
+    return 1 if v is None or v == "" or (isinstance(v, float) and math.isnan(v)) else _check_version(float(v))
 
 
 def volume_name(row):
@@ -257,19 +315,20 @@ def _bilateral(p, tubes, sizes):
     return out
 
 
-def _cerebrum(p):
-    """Cerebral hull without sulci: egg-shaped ellipsoid (flatter below) joined with two temporal lobes."""
+def _cerebrum(p, heights=(64.0, 40.0)):
+    """Cerebral hull without sulci: egg-shaped ellipsoid (half heights above and below its centre; flatter
+    below) joined with two temporal lobes."""
     x, y, z = p
     yn = np.clip(-(y - _BRAIN_CENTRE[1]) / 85.0, -1, 1)
-    axes = (68.0 * (1 + 0.05 * yn), 85.0, np.where(z > _BRAIN_CENTRE[2], 64.0, 40.0))
+    axes = (68.0 * (1 + 0.05 * yn), 85.0, np.where(z > _BRAIN_CENTRE[2], *heights))
     main = _ellipsoid(p, _BRAIN_CENTRE, axes)
     temporal = np.minimum(_ellipsoid(p, (42, -12, -18), (24, 44, 22)), _ellipsoid(p, (-42, -12, -18), (24, 44, 22)))
     return _smin(main, temporal, 4.0)
 
 
-def _cerebellum(p):
-    """Radial distance to the cerebellar hull (no folia)."""
-    return _ellipsoid(p, (0, -58, -38), (46, 30, 19))
+def _cerebellum(p, shape=((0, -58, -38), (46, 30, 19))):
+    """Radial distance to the cerebellar hull (no folia): an ellipsoid (centre, half axes)."""
+    return _ellipsoid(p, *shape)
 
 
 def _brainstem(p):
@@ -327,6 +386,19 @@ def _upsample(c):
     return c[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
 
 
+def _symmetric(warp, asymmetry=0.3):
+    """A coarse-grid displacement field (x, y, z components) made nearly mirror-symmetric about the grid's
+    midline x = 0 (x component odd, y and z even), keeping `asymmetry` of its antisymmetric part."""
+    def mirror(c):  # c at coarse voxel 2j is read at the mirror voxel SHAPE[0] - 1 - 2j (between samples)
+        f = np.flip(c, 0)
+        return np.concatenate([0.5 * (f[1:] + f[:-1]), f[-1:]], 0)
+    out = []
+    for axis, c in enumerate(warp):
+        m = -mirror(c) if axis == 0 else mirror(c)
+        out.append((0.5 * (1 + asymmetry) * c + 0.5 * (1 - asymmetry) * m).astype(np.float32))
+    return out
+
+
 def _rotation(ax, ay, az):
     """3x3 rotation by angles (radians) about x, then y, then z."""
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
@@ -345,13 +417,22 @@ class _Anatomy:
     evaluated at full resolution only where needed.
     """
 
+    version = 1
+    intensity = INTENSITY
+    bias = 0.04  # amplitude (sd of the log) of the multiplicative bias field
+    angle_sd = (0.06, 0.04, 0.04)  # pose: pitch (about x), roll (y), yaw (z), radians
+    shift_sd = (1.5, 2.0, 2.0)  # pose: world shift of the brain, mm
+    mirror_warp = False  # hemispheres deformed independently
+    hull_margin = (2.0, 3.5)  # range of the subarachnoid CSF width outside the smooth brain hull, mm
+    ribbon = (2.6, 3.0)  # range of the cortical ribbon thickness at age 50, mm
+    folia = (0.5, 8.0)  # half-width of the CSF between cerebellar folia, depth of the folia (mm)
+    cerebellum = ((0, -58, -38), (46, 30, 19))  # centre and half axes (template mm)
+    heights = (64.0, 40.0)  # of the cerebral ellipsoid above and below its centre (template mm)
+    fissure = 1.0  # half-width of the interhemispheric fissure (mm)
+
     def __init__(self, subject_seed):
         rng = np.random.default_rng([int(subject_seed), 7])
-        scale = np.exp(rng.normal(-0.05, 0.04) + rng.normal(0, 0.025, 3)).clip(0.86, 1.03)
-        angles = rng.normal(0, [0.06, 0.04, 0.04])  # pitch (about x), roll (y), yaw (z), radians
-        lin = (_rotation(*angles) / scale[:, None]).astype(np.float32)  # world -> template (no warp)
-        shift = _WORLD_CENTRE + rng.normal(0, [1.5, 2.0, 2.0]).astype(np.float32)
-        warp = [np.float32(3.0) * _spline_field(_spline_coeffs(rng, 14.0), 14.0) for _ in range(3)]  # ~3 mm
+        lin, shift, warp = self._pose(rng)
 
         def template(x, w):
             """Template coordinates of world points x (mm, broadcastable per axis) displaced by w."""
@@ -360,9 +441,10 @@ class _Anatomy:
 
         g = [(np.arange(0, n + 1, 2, dtype=np.float32) - (n - 1) / 2) * VOXEL_MM - s for n, s in zip(SHAPE, shift)]
         coarse = template([g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]], warp)
-        cerebrum, cerebellum, brainstem = _cerebrum(coarse), _cerebellum(coarse), _brainstem(coarse)
+        cerebrum, cerebellum = _cerebrum(coarse, self.heights), _cerebellum(coarse, self.cerebellum)
+        brainstem = _brainstem(coarse)
         hull = _smin(_smin(cerebrum, cerebellum, 6.0), brainstem, 6.0)
-        self.index = np.flatnonzero(_upsample(hull) < rng.uniform(2.0, 3.5))
+        self.index = np.flatnonzero(_upsample(hull) < rng.uniform(*self.hull_margin))
         self.n = self.index.size
         x = [((i - (n - 1) / 2) * VOXEL_MM - s).astype(np.float32)
              for i, n, s in zip(np.unravel_index(self.index, SHAPE), SHAPE, shift)]
@@ -370,8 +452,17 @@ class _Anatomy:
         smooth = {name: self._fine(f) for name, f in (("cerebrum", cerebrum), ("cerebellum", cerebellum),
                                                       ("brainstem", brainstem), ("deep_gm", _deep_gm(coarse)))}
         self.pial, self.no_ribbon = self._pial_field(rng, p, smooth)
-        self.thickness = rng.uniform(2.6, 3.0)
+        self.thickness = rng.uniform(*self.ribbon)
         self._deep_structures(rng, p, coarse, smooth["deep_gm"] < 0)
+
+    def _pose(self, rng):
+        """(world -> template linear map, world shift, ~3 mm smooth warp on the coarse grid) of a subject."""
+        scale = np.exp(rng.normal(-0.05, 0.04) + rng.normal(0, 0.025, 3)).clip(0.86, 1.03)
+        angles = rng.normal(0, self.angle_sd)
+        lin = (_rotation(*angles) / scale[:, None]).astype(np.float32)  # world -> template (no warp)
+        shift = _WORLD_CENTRE + rng.normal(0, self.shift_sd).astype(np.float32)
+        warp = [np.float32(3.0) * _spline_field(_spline_coeffs(rng, 14.0), 14.0) for _ in range(3)]  # ~3 mm
+        return lin, shift, _symmetric(warp) if self.mirror_warp else warp
 
     def _fine(self, coarse_field):
         """A field on every second voxel, interpolated at the hull voxels."""
@@ -379,10 +470,33 @@ class _Anatomy:
 
     def _pial_field(self, rng, p, smooth):
         """Signed distance (mm, negative inside tissue) to the nearest CSF: the outer surface or a sulcal
-        slit; plus the flag of brainstem voxels (no cortical ribbon). Each sulcus is a slab of half-width
-        0.5 mm around the zero sheet of a random field, down to a random depth, so tissue lines its walls."""
+        slit (`_sulci`), a fissure or between cerebellar folia; plus the flag of brainstem voxels (no cortical
+        ribbon)."""
         x, y, z = p
         depth_in = -smooth["cerebrum"]
+        sulci = self._sulci(rng, p, depth_in)
+
+        dy, dz = y + 4.0, z - 6.0  # the interhemispheric fissure stops at the corpus callosum
+        r = np.sqrt(dy ** 2 + dz ** 2) + 1e-6
+        callosum = r - r / (np.sqrt((dy / 38) ** 2 + (dz / 22) ** 2) + 1e-6)
+        fissure = np.maximum(np.abs(x) - self.fissure, -callosum)
+        sylvian_z = 4.0 - 0.28 * (y + 10.0) + rng.normal(0, 2.0)
+        lateral = np.maximum(y - 22.0, -45.0 - y)
+        sylvian = np.minimum(np.maximum.reduce([np.abs(z - sylvian_z) / 1.04 - 0.8, 38.0 - np.abs(x), lateral]),
+                             np.maximum.reduce([np.abs(np.abs(x) - 38.0) - 0.8, np.abs(z - sylvian_z) - 12.0,
+                                                lateral + 6.0]))  # + the cleft over the insula
+        cerebrum = -np.minimum.reduce([depth_in, sulci, fissure, sylvian])
+
+        cb_depth = -smooth["cerebellum"]
+        u = (np.sqrt(x ** 2 + (y + 30) ** 2 + (z + 15) ** 2) + rng.uniform(0, 6.5)) % 6.5
+        folia = np.maximum(np.minimum(u, 6.5 - u) - self.folia[0], cb_depth - self.folia[1])
+        cerebellum = -np.minimum(cb_depth, folia)
+        pial = np.minimum.reduce([cerebrum, cerebellum, smooth["brainstem"]])
+        return pial.astype(np.float32), smooth["brainstem"] <= pial
+
+    def _sulci(self, rng, p, depth_in):
+        """Distance-like field (mm, negative inside) of the sulcal slabs. Each sulcus is a slab of half-width
+        0.5 mm around the zero sheet of a random field, down to a random depth, so tissue lines its walls."""
         d = [p[i] - _BRAIN_CENTRE[i] for i in range(3)]
         rho = np.sqrt((d[0] / 68) ** 2 + (d[1] / 85) ** 2 + (d[2] / 52) ** 2) + 1e-6
         shell = np.flatnonzero(depth_in < 40.0)
@@ -397,25 +511,7 @@ class _Anatomy:
         sulcus_depth = np.zeros(self.n, np.float32)
         sulcus_depth[shell] = 14.0 * (1.0 + 0.25 * _wave_field(ss, _waves(rng, 8, 80.0))).clip(0.5, 1.6)
         basal = -_ellipsoid(p, (0, -12, 6), (34, 48, 26))  # no sulci into the basal ganglia and ventricles
-        sulci = np.maximum.reduce([to_sheet - 0.5, depth_in - sulcus_depth, basal])
-
-        dy, dz = y + 4.0, z - 6.0  # the interhemispheric fissure stops at the corpus callosum
-        r = np.sqrt(dy ** 2 + dz ** 2) + 1e-6
-        callosum = r - r / (np.sqrt((dy / 38) ** 2 + (dz / 22) ** 2) + 1e-6)
-        fissure = np.maximum(np.abs(x) - 1.0, -callosum)
-        sylvian_z = 4.0 - 0.28 * (y + 10.0) + rng.normal(0, 2.0)
-        lateral = np.maximum(y - 22.0, -45.0 - y)
-        sylvian = np.minimum(np.maximum.reduce([np.abs(z - sylvian_z) / 1.04 - 0.8, 38.0 - np.abs(x), lateral]),
-                             np.maximum.reduce([np.abs(np.abs(x) - 38.0) - 0.8, np.abs(z - sylvian_z) - 12.0,
-                                                lateral + 6.0]))  # + the cleft over the insula
-        cerebrum = -np.minimum.reduce([depth_in, sulci, fissure, sylvian])
-
-        cb_depth = -smooth["cerebellum"]
-        u = (np.sqrt(x ** 2 + (y + 30) ** 2 + (z + 15) ** 2) + rng.uniform(0, 6.5)) % 6.5
-        folia = np.maximum(np.minimum(u, 6.5 - u) - 0.5, cb_depth - 8.0)
-        cerebellum = -np.minimum(cb_depth, folia)
-        pial = np.minimum.reduce([cerebrum, cerebellum, smooth["brainstem"]])
-        return pial.astype(np.float32), smooth["brainstem"] <= pial
+        return np.maximum.reduce([to_sheet - 0.5, depth_in - sulcus_depth, basal])
 
     def _deep_structures(self, rng, p, coarse, deep):
         """Ventricles, hippocampi, third ventricle, deep GM, WM-lesion field and the protected core."""
@@ -488,31 +584,85 @@ class _Anatomy:
         return lab
 
 
+class _AnatomyV2(_Anatomy):
+    """Version 2 of the anatomy (see the module docstring): folded cortex, T1 contrast and pose."""
+    version = 2
+    intensity = INTENSITY_V2
+    bias = 0.015
+    angle_sd = (0.03, 0.012, 0.012)
+    shift_sd = (0.0, 2.0, 2.0)  # the warp's mirror plane stays the grid's midline
+    mirror_warp = True
+    hull_margin = (0.0, 0.5)
+    ribbon = (3.2, 3.6)
+    folia = (0.2, 14.0)
+    cerebellum = ((0, -62, -36), (50, 33, 27))
+    heights = (60.0, 46.0)
+    fissure = 0.5
+
+    def labels(self, age, tau):
+        """Version 1's labels with the brainstem's white matter as its own label (a darker T1 level)."""
+        lab = super().labels(age, tau)
+        lab[(lab == 3) & self.no_ribbon] = 9
+        return lab
+
+    def _sulci(self, rng, p, depth_in):
+        """Sulcal slabs (half-width SULCAL_HALF_WIDTH) around the zero sheets of an isotropic band-limited
+        field in template space (SULCAL_WAVELENGTH; sheets meander and branch), kept where they stand roughly
+        normal to the brain surface (|cos| of the two normals < SULCAL_MAX_COS, fading over SULCAL_GATE_MM),
+        down to a random depth around SULCAL_DEPTH below the smooth hull (deeper at the base, shallower at the
+        vertex)."""
+        shell = np.flatnonzero(depth_in < 40.0)
+        q = [c[shell] for c in p]
+        field = _wave_field(q, _waves(rng, 48, SULCAL_WAVELENGTH * rng.uniform(0.93, 1.07)))
+        grads = [self._gradient(depth_in, shell), self._gradient(np.zeros(self.n, np.float32), shell, field)]
+        norms = [np.sqrt(sum(g ** 2 for g in v)) + 1e-6 for v in grads]
+        cos = np.abs(sum(a * b for a, b in zip(*grads))) / (norms[0] * norms[1])
+        depth = SULCAL_DEPTH * (1.0 + 0.25 * _wave_field(q, _waves(rng, 8, 80.0))).clip(0.5, 1.5)
+        depth *= 1.0 - 0.3 * np.clip((q[2] - _BRAIN_CENTRE[2]) / 60.0, -1.0, 1.0)
+        sheet = np.maximum.reduce([np.abs(field) / norms[1] - SULCAL_HALF_WIDTH,
+                                   SULCAL_GATE_MM * (cos - SULCAL_MAX_COS), depth_in[shell] - depth])
+        sheet[depth_in[shell] > 36.0] = np.inf  # the field's gradient is wrong at the shell's edge
+        out = np.full(self.n, np.inf, np.float32)
+        out[shell] = sheet
+        basal = -_ellipsoid(p, (0, -12, 6), (34, 48, 26))  # no sulci into the basal ganglia and ventricles
+        return np.maximum(out, basal)
+
+    def _gradient(self, values, shell, shell_values=None):
+        """Gradient (3 arrays over the shell voxels, per mm of world space) of a field on the hull voxels,
+        its shell part replaced by shell_values if given."""
+        grid = np.zeros(SHAPE, np.float32)
+        grid.flat[self.index] = values
+        if shell_values is not None:
+            grid.flat[self.index[shell]] = shell_values
+        return [g.ravel()[self.index[shell]] for g in np.gradient(grid, VOXEL_MM)]
+
+
 @functools.lru_cache(maxsize=2)
-def _anatomy(subject_seed):
+def _anatomy(subject_seed, version=1):
     """The subject's template, cached (a worker renders all visits of a subject in a row)."""
-    return _Anatomy(subject_seed)
+    return {1: _Anatomy, 2: _AnatomyV2}[_check_version(version)](subject_seed)
 
 
 # ---------------------------------------------------------------- rendering
 
-def render_labels(subject_seed, age, tau):
+def render_labels(subject_seed, age, tau, version=1):
     """Noise-free label volume (int8 codes indexed by LABELS) of a subject at (age, tau)."""
-    anat = _anatomy(int(subject_seed))
+    anat = _anatomy(int(subject_seed), version)
     out = np.zeros(SHAPE, np.int8)
     out.flat[anat.index] = anat.labels(age, tau)
     return out
 
 
-def render(subject_seed, age, tau, noise_seed):
-    """T1-like float32 volume of SHAPE and masks {'brain', 'ventricles', 'hippocampus'} (bool)."""
-    anat = _anatomy(int(subject_seed))
+def render(subject_seed, age, tau, noise_seed, version=1):
+    """T1-like float32 volume of SHAPE and masks {'brain', 'ventricles', 'hippocampus'} (bool) of the anatomy
+    `version`."""
+    anat = _anatomy(int(subject_seed), version)
     lab = anat.labels(age, tau)
     clean = np.zeros(SHAPE, np.float32)
-    clean.flat[anat.index] = INTENSITY[lab]
+    clean.flat[anat.index] = anat.intensity[lab]
     blurred = ndimage.gaussian_filter(clean, BLUR_VOXELS, truncate=3.0).ravel()[anat.index]
     rng = np.random.default_rng([int(noise_seed), 11])
-    bias = np.exp(0.04 * anat._fine(_spline_field(_spline_coeffs(rng, 40.0), 40.0)))
+    bias = np.exp(anat.bias * anat._fine(_spline_field(_spline_coeffs(rng, 40.0), 40.0)))
     signal = blurred * bias
     noise = rng.standard_normal((2, anat.n), dtype=np.float32) * np.float32(NOISE_SIGMA)
     vol = np.zeros(SHAPE, np.float32)
@@ -544,7 +694,8 @@ def render_row(row, age=None, dx=None):
         target_age = visit_age if age is None else float(age)
         tau = disease_clock(tau, visit_age, target_age, row["DX"] if dx is None else dx)
         visit_age = target_age
-    vol, masks = render(int(float(row["subject_seed"])), visit_age, tau, int(float(row["noise_seed"])))
+    vol, masks = render(int(float(row["subject_seed"])), visit_age, tau, int(float(row["noise_seed"])),
+                        row_version(row))
     return quantise(vol), masks
 
 
@@ -558,6 +709,8 @@ def _write_volume(row, path):
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine(), code=1)
     img.set_sform(affine(), code=1)
+    if row_version(row) != 1:  # version 1 files stay byte for byte as they were
+        img.header["descrip"] = _descrip(row_version(row))
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         img.to_filename(tmp)
@@ -567,6 +720,19 @@ def _write_volume(row, path):
             os.remove(tmp)
 
 
+def _descrip(version):
+    """The NIfTI description field of a version's volumes (empty for version 1)."""
+    return b"" if version == 1 else f"synthetic cohort v{version}".encode()
+
+
+def _check_existing(path, version):
+    """Raise ValueError when an existing volume was written by another anatomy version (same file names)."""
+    found = bytes(nib.load(path).header["descrip"]).rstrip(b"\0 ")
+    if found != _descrip(version):
+        raise ValueError(f"{path} was written by another synthetic cohort version ({found.decode() or 'v1'}), not "
+                         f"v{version}: write version {version} to another folder (--volumes-dir)")
+
+
 def _write_subject(rows, out_dir):
     """Write one subject's missing volumes (one task, so its anatomy is built once); returns the count."""
     for row in rows:
@@ -574,14 +740,18 @@ def _write_subject(rows, out_dir):
     return len(rows)
 
 
-def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m24")):
-    """Write every volume of make_cohort(...) as int16 NIfTI (skipping existing files) and then cohort.csv;
-    returns the CSV path. The CSV is written last, so its presence means the cohort is complete."""
-    rows = make_cohort(n_subjects, seed, visits)
+def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m24"), version=1):
+    """Write every volume of make_cohort(...) as int16 NIfTI (skipping existing files of the same anatomy
+    version; ValueError for another version's) and then cohort.csv; returns the CSV path. The CSV is written
+    last, so its presence means the cohort is complete."""
+    rows = make_cohort(n_subjects, seed, visits, version)
     os.makedirs(out_dir, exist_ok=True)
     tasks = {}
     for row in rows:
-        if not os.path.exists(os.path.join(out_dir, volume_name(row))):
+        path = os.path.join(out_dir, volume_name(row))
+        if os.path.exists(path):
+            _check_existing(path, version)
+        else:
             tasks.setdefault(row["PTID"], []).append(row)
     tasks = list(tasks.values())
     with tqdm(total=sum(map(len, tasks)), desc="synthetic volumes", unit="vol") as bar:
@@ -603,17 +773,17 @@ def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m
 
 # ---------------------------------------------------------------- figure
 
-def figure_aging(path, subject_seed=7, ages=(60, 65, 70, 75, 80, 85, 90), onset_age=60.0):
+def figure_aging(path, subject_seed=7, ages=(60, 65, 70, 75, 80, 85, 90), onset_age=60.0, version=1):
     """PNG grid of one subject's axial slice through the ventricles at each age (same scan noise): row 1
     cognitively normal throughout (tau = -inf); row 2 with the disease clock running from MCI onset at
     `onset_age` (MCI at 60, Dementia from onset_age + T_MCI = 64; a long course, to make it visible)."""
-    anat = _anatomy(int(subject_seed))
+    anat = _anatomy(int(subject_seed), version)
     k = _axial_level(anat)
     rows = []
     for tau_at_age in (lambda a: -math.inf, lambda a: a - onset_age):
         cells = []
         for a in ages:
-            vol, _ = render(subject_seed, a, tau_at_age(a), noise_seed=1)
+            vol, _ = render(subject_seed, a, tau_at_age(a), noise_seed=1, version=version)
             cell = to_uint8(np.rot90(vol[:, :, k]), 0.0, 1.15)  # anterior up
             cells.append(np.kron(cell, np.ones((2, 2), np.uint8)))  # 2x zoom
         rows.append(cells)
@@ -665,6 +835,9 @@ def _render_counterfactual(store, idx, age, dx, masks):
     n, size = len(idx), store.size
     if not hasattr(store, "_truth_columns"):
         store._truth_columns = {c: store.csv(c) for c in TRUTH_COLUMNS}
+        versioned = "csv/synthetic_version" in store.file  # stores from before versions hold version 1
+        store._truth_columns["synthetic_version"] = (store.csv("synthetic_version") if versioned
+                                                     else np.ones(len(store)))
     col = store._truth_columns
     classes = store.schema["dx"].classes if "dx" in store.schema.names else list(DX)
     own_dx = store.attrs["dx"][idx].astype(int) if "dx" in store.attrs else None
@@ -673,6 +846,8 @@ def _render_counterfactual(store, idx, age, dx, masks):
     target_dx = own_dx if dx is None else np.asarray(dx).astype(int).reshape(n)
     visit_age = col["AGE"][idx] + col["Years_bl"][idx]
     target_age = visit_age if age is None else np.asarray(age, np.float64).reshape(n)
+    # the store's float32 age of a slice is its own visit age: re-render at the exact one, as the file was
+    target_age = np.where(np.abs(target_age - visit_age) < 1e-4, visit_age, target_age)
     out = {"images": np.zeros((n, size, size), np.float32), **{s: np.zeros(n) for s in STRUCTURES}}
     if masks:
         out["masks"] = {s: np.zeros((n, size, size), np.float32) for s in STRUCTURES}
@@ -683,7 +858,7 @@ def _render_counterfactual(store, idx, age, dx, masks):
         groups.setdefault(key, []).append(i)
     for (volume, t_age, t_dx), rows in sorted(groups.items(), key=lambda kv: (col["subject_seed"][idx[kv[1][0]]], kv[0])):
         j = idx[rows[0]]
-        row = {c: col[c][j] for c in TRUTH_COLUMNS}
+        row = {c: col[c][j] for c in (*TRUTH_COLUMNS, "synthetic_version")}
         row["DX"] = classes[own_dx[rows[0]]] if own_dx is not None else "CN"
         vol, m = render_row(row, age=t_age, dx=None if t_dx is None else classes[t_dx])
         plan = dict(store.plan(volume))

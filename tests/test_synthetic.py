@@ -1,5 +1,7 @@
-"""Synthetic phantom cohort: determinism, prescribed atrophy rates, contrast, files and the disease clock."""
+"""Synthetic phantom cohort: determinism, prescribed atrophy rates, contrast, files and the disease clock, for
+every anatomy version; version 1 stays bit for bit what it was."""
 import csv
+import hashlib
 import math
 import os
 
@@ -12,17 +14,39 @@ from mri import synthetic as syn
 from mri.grids import read_png_size
 
 SEED = 11  # the subject most tests look at
+# sha256 (first 16 hex digits) of render(*args) (volume bytes, then the masks in name order), computed with the
+# generator as it was before anatomy versions existed: version 1 must keep rendering exactly these
+V1_RENDERS = {(11, 70.0, 1.0, 3): "e4dc4ac74e34322b", (12, 80.0, -math.inf, 5): "8468287c03bcc308",
+              (1234567, 66.5, -2.0, 9): "abcb1cbf956fc270"}
 
 
-def volumes(age, tau, seed=SEED):
-    _, masks = syn.render(seed, age, tau, noise_seed=1)
+def volumes(age, tau, seed=SEED, version=1):
+    _, masks = syn.render(seed, age, tau, noise_seed=1, version=version)
     return {k: int(m.sum()) for k, m in masks.items()}
 
 
-def test_render_is_deterministic_and_well_formed():
-    vol, masks = syn.render(SEED, 70.0, 1.0, noise_seed=3)
+def render_hash(*args, **kwargs):
+    vol, masks = syn.render(*args, **kwargs)
+    h = hashlib.sha256(vol.tobytes())
+    for k in sorted(masks):
+        h.update(masks[k].tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_version_1_renders_are_unchanged():
+    syn._anatomy.cache_clear()
+    for args, digest in V1_RENDERS.items():
+        assert render_hash(*args) == digest == render_hash(*args, version=1), args
+    assert render_hash(*next(iter(V1_RENDERS)), version=2) != next(iter(V1_RENDERS.values()))
+    with pytest.raises(ValueError, match="unknown synthetic cohort version"):
+        syn.render(SEED, 70.0, 1.0, 3, version=3)
+
+
+@pytest.mark.parametrize("version", syn.VERSIONS)
+def test_render_is_deterministic_and_well_formed(version):
+    vol, masks = syn.render(SEED, 70.0, 1.0, noise_seed=3, version=version)
     syn._anatomy.cache_clear()  # rebuild the subject from scratch
-    again, _ = syn.render(SEED, 70.0, 1.0, noise_seed=3)
+    again, _ = syn.render(SEED, 70.0, 1.0, noise_seed=3, version=version)
     assert vol.dtype == np.float32 and vol.shape == syn.SHAPE
     assert vol.tobytes() == again.tobytes()
     assert set(masks) == {"brain", "ventricles", "hippocampus"}
@@ -36,6 +60,8 @@ def test_make_cohort_is_deterministic_and_adni_like():
     rows = syn.make_cohort(60, seed=3)
     assert rows == syn.make_cohort(60, seed=3)
     assert rows != syn.make_cohort(60, seed=4)
+    v2 = syn.make_cohort(60, seed=3, version=2)  # the same table, another anatomy
+    assert [dict(r, synthetic_version=1) for r in v2] == rows and {r["synthetic_version"] for r in v2} == {2}
     assert len(rows) == 180 and all(tuple(r) == syn.COLUMNS for r in rows)
     assert len({r["IMAGEUID"] for r in rows}) == 180 and len({r["PTID"] for r in rows}) == 60
     bl = [r for r in rows if r["VISCODE"] == "bl"]
@@ -52,11 +78,12 @@ def test_make_cohort_is_deterministic_and_adni_like():
     assert any(dxs[0] == "MCI" and dxs[-1] == "Dementia" for dxs in by_subject.values())  # converters
 
 
+@pytest.mark.parametrize("version", syn.VERSIONS)
 @pytest.mark.parametrize("dx, age, tau, years", [("CN", 65.0, -math.inf, 10.0), ("MCI", 65.0, 0.5, 3.0),
                                                  ("Dementia", 70.0, 5.0, 10.0)])
-def test_volumes_change_at_the_prescribed_rates(dx, age, tau, years):
+def test_volumes_change_at_the_prescribed_rates(dx, age, tau, years, version):
     assert syn.stage(tau) == dx == syn.stage(tau + years - 1e-9)
-    before, after = volumes(age, tau), volumes(age + years, tau + years)
+    before, after = volumes(age, tau, version=version), volumes(age + years, tau + years, version=version)
     measured = {k: (after[k] / before[k]) ** (1 / years) - 1 for k in before}
     print(dx, {k: f"{100 * v:+.2f} %/yr" for k, v in measured.items()})
     for mask, structure in (("brain", "brain"), ("ventricles", "ventricles"), ("hippocampus", "hippocampus")):
@@ -64,8 +91,9 @@ def test_volumes_change_at_the_prescribed_rates(dx, age, tau, years):
         assert measured[mask] == pytest.approx(expected, rel=0.10), (mask, measured[mask], expected)
 
 
-def test_disease_accelerates_atrophy_at_the_same_age():
-    cn, ad = volumes(80.0, -math.inf), volumes(80.0, 8.0)
+@pytest.mark.parametrize("version", syn.VERSIONS)
+def test_disease_accelerates_atrophy_at_the_same_age(version):
+    cn, ad = volumes(80.0, -math.inf, version=version), volumes(80.0, 8.0, version=version)
     assert ad["hippocampus"] < cn["hippocampus"] and ad["brain"] < cn["brain"]
     assert ad["ventricles"] > cn["ventricles"]
 
@@ -86,23 +114,25 @@ def test_preclinical_phase_gives_literature_sized_diagnosis_differences():
     assert mean["ventricles", "Dementia"] > mean["ventricles", "MCI"] > 0.08 > mean["ventricles", "CN"] >= 0
 
 
-def test_subjects_differ_more_than_visits():
-    a70, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=1)
-    a72, _ = syn.render(SEED, 72.0, -math.inf, noise_seed=2)
-    b70, _ = syn.render(SEED + 1, 70.0, -math.inf, noise_seed=3)
+@pytest.mark.parametrize("version", syn.VERSIONS)
+def test_subjects_differ_more_than_visits(version):
+    a70, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=1, version=version)
+    a72, _ = syn.render(SEED, 72.0, -math.inf, noise_seed=2, version=version)
+    b70, _ = syn.render(SEED + 1, 70.0, -math.inf, noise_seed=3, version=version)
     intra, inter = np.abs(a70 - a72).mean(), np.abs(a70 - b70).mean()
     assert inter > 2 * intra, (inter, intra)
 
 
-def test_tissue_contrast():
-    vol, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=4)
-    lab = syn.render_labels(SEED, 70.0, -math.inf)
+@pytest.mark.parametrize("version, gm_wm, csf_wm", [(1, 0.75, 0.30), (2, 0.80, 0.33)])
+def test_tissue_contrast(version, gm_wm, csf_wm):
+    vol, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=4, version=version)
+    lab = syn.render_labels(SEED, 70.0, -math.inf, version=version)
     wm = np.median(vol[lab == syn.LABELS.index("wm")])
     gm = np.median(vol[lab == syn.LABELS.index("gm")])
     csf = np.median(vol[ndimage.binary_erosion(lab == syn.LABELS.index("ventricle"), iterations=2)])  # no PV
     assert wm == pytest.approx(1.0, abs=0.05)
-    assert gm / wm == pytest.approx(0.75, abs=0.07)
-    assert csf / wm == pytest.approx(0.30, abs=0.07)
+    assert gm / wm == pytest.approx(gm_wm, abs=0.07)
+    assert csf / wm == pytest.approx(csf_wm, abs=0.07)
 
 
 def test_disease_clock():
@@ -144,14 +174,16 @@ def test_cn_aging_of_a_preclinical_subject_is_monotone(tau):
     assert all(syn.log_change("hippocampus", a, t) <= own for a, t in zip(ages, clocks) if a >= 70)
 
 
-def test_write_cohort_matches_render_row(tmp_path):
+@pytest.mark.parametrize("version", syn.VERSIONS)
+def test_write_cohort_matches_render_row(tmp_path, version):
     out = str(tmp_path / "volumes")
-    path = syn.write_cohort(2, out, seed=7, workers=2, visits=("bl", "m12"))
+    path = syn.write_cohort(2, out, seed=7, workers=2, visits=("bl", "m12"), version=version)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == syn.COLUMNS == ("PTID", "VISCODE", "AGE", "Years_bl", "DX", "DX_bl", "ADAS13", "MMSE",
                                              "FAQ", "PTGENDER", "PTEDUCAT", "IMAGEUID", "subject_seed",
-                                             "onset_age", "noise_seed")
+                                             "onset_age", "noise_seed", "synthetic_version")
+    assert {r["synthetic_version"] for r in rows} == {str(version)}
     assert len(rows) == 4 and sorted(os.listdir(out)) == sorted([syn.volume_name(r) for r in rows] + ["cohort.csv"])
     for row in rows:  # rows as read back from the CSV (strings)
         img = nib.load(os.path.join(out, syn.volume_name(row)))
@@ -165,8 +197,11 @@ def test_write_cohort_matches_render_row(tmp_path):
     assert np.array_equal(syn.quantise(vol), vol)
 
     stamp = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".nii.gz")}
-    syn.write_cohort(2, out, seed=7, workers=1, visits=("bl", "m12"))  # everything present: nothing rewritten
+    syn.write_cohort(2, out, seed=7, workers=1, visits=("bl", "m12"), version=version)  # nothing rewritten
     assert stamp == {n: os.path.getmtime(os.path.join(out, n)) for n in stamp}
+    other = syn.VERSIONS[version % len(syn.VERSIONS)]  # same file names, other anatomy: refused
+    with pytest.raises(ValueError, match="another synthetic cohort version"):
+        syn.write_cohort(2, out, seed=7, workers=1, visits=("bl", "m12"), version=other)
 
 
 def test_volume_name():
@@ -174,26 +209,29 @@ def test_volume_name():
     assert syn.volume_name(row) == "ADNI_002_S_0001_MR_MPRAGE_br_raw_S40000_I40001.nii.gz"
 
 
-def test_figure_aging(tmp_path):
-    path = syn.figure_aging(str(tmp_path / "aging.png"), subject_seed=SEED, ages=(60, 90))
+@pytest.mark.parametrize("version", syn.VERSIONS)
+def test_figure_aging(tmp_path, version):
+    path = syn.figure_aging(str(tmp_path / "aging.png"), subject_seed=SEED, ages=(60, 90), version=version)
     assert read_png_size(path) == (2 * (2 * syn.SHAPE[1] + 2) + 2, 2 * (2 * syn.SHAPE[0] + 2) + 2)
 
 
-@pytest.fixture(scope="module")
-def synthetic_store(tmp_path_factory):
+@pytest.fixture(scope="module", params=syn.VERSIONS)
+def synthetic_store(tmp_path_factory, request):
     from mri import prep
     d = tmp_path_factory.mktemp("synstore")
     cfg = prep.PrepConfig(images="", csv="", out=str(d / "s.h5"), size=32, slices=6, spacing=8.0, workers=1,
                           split=(0.5, 0.25, 0.25))
-    cfg = prep.synthetic_config(cfg, 4, str(d / "vols"))
+    cfg = prep.synthetic_config(cfg, 4, str(d / "vols"), version=request.param)
     prep.build(cfg, log=lambda *a: None)
-    return cfg.out
+    return cfg.out, request.param
 
 
 def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
     from mri.store import SliceStore
-    with SliceStore(synthetic_store) as st:
+    path, version = synthetic_store
+    with SliceStore(path) as st:
         assert st.schema.names == ["age", "dx", "adas13", "mmse", "faq", "sex", "educ"]
+        assert (st.csv("synthetic_version") == version).all()
         idx = np.arange(len(st))
         own = syn.counterfactual(st, idx)
         np.testing.assert_array_equal(own["images"].astype(np.float16), st.images(idx).astype(np.float16))
@@ -209,3 +247,21 @@ def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
         assert "masks" not in again and again["images"] is older["images"] and not again["images"].flags.writeable
         demented = syn.counterfactual(st, idx, dx=np.full(len(idx), 2))
         assert demented["hippocampus"].sum() < own["hippocampus"].sum()
+
+
+@pytest.mark.parametrize("synthetic_store", [1], indirect=True)
+def test_counterfactual_of_a_store_from_before_versions_is_version_1(synthetic_store):
+    """A store without csv/synthetic_version (built before versions existed) re-renders with version 1."""
+    import h5py
+    from mri.store import SliceStore
+    path, _ = synthetic_store
+    old = path.replace(".h5", "-unversioned.h5")
+    with h5py.File(path) as src, h5py.File(old, "w") as dst:
+        for k in src:
+            src.copy(k, dst)
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        del dst["csv/synthetic_version"]
+    with SliceStore(old) as st, SliceStore(path) as new:
+        idx = np.arange(0, len(st), 3)
+        np.testing.assert_array_equal(syn.counterfactual(st, idx)["images"], syn.counterfactual(new, idx)["images"])
