@@ -502,16 +502,24 @@ class _Anatomy:
         shell = np.flatnonzero(depth_in < 40.0)
         # mostly radial projection onto the ellipsoid, so sulci are sheets roughly normal to the surface
         ss = [(0.7 * c / rho + 0.3 * c)[shell] for c in d]
-        field = np.zeros(SHAPE, np.float32)
-        field.flat[self.index[shell]] = _wave_field(ss, _waves(rng, 32, rng.uniform(16.0, 19.0)))
-        grad = np.sqrt(sum(g.ravel()[self.index[shell]] ** 2 for g in np.gradient(field, VOXEL_MM)))
+        field = _wave_field(ss, _waves(rng, 32, rng.uniform(16.0, 19.0)))
+        grad = np.sqrt(sum(g ** 2 for g in self._gradient(np.zeros(self.n, np.float32), shell, field)))
         to_sheet = np.full(self.n, np.inf, np.float32)
-        to_sheet[shell] = np.abs(field.ravel()[self.index[shell]]) / (grad + 1e-6)
+        to_sheet[shell] = np.abs(field) / (grad + 1e-6)
         to_sheet[depth_in > 36.0] = np.inf  # the field's gradient is wrong at the shell's edge
         sulcus_depth = np.zeros(self.n, np.float32)
         sulcus_depth[shell] = 14.0 * (1.0 + 0.25 * _wave_field(ss, _waves(rng, 8, 80.0))).clip(0.5, 1.6)
         basal = -_ellipsoid(p, (0, -12, 6), (34, 48, 26))  # no sulci into the basal ganglia and ventricles
         return np.maximum.reduce([to_sheet - 0.5, depth_in - sulcus_depth, basal])
+
+    def _gradient(self, values, shell, shell_values=None):
+        """Gradient (3 arrays over the shell voxels, per mm of world space) of a field on the hull voxels,
+        its shell part replaced by shell_values if given."""
+        grid = np.zeros(SHAPE, np.float32)
+        grid.flat[self.index] = values
+        if shell_values is not None:
+            grid.flat[self.index[shell]] = shell_values
+        return [g.ravel()[self.index[shell]] for g in np.gradient(grid, VOXEL_MM)]
 
     def _deep_structures(self, rng, p, coarse, deep):
         """Ventricles, hippocampi, third ventricle, deep GM, WM-lesion field and the protected core."""
@@ -626,15 +634,6 @@ class _AnatomyV2(_Anatomy):
         out[shell] = sheet
         basal = -_ellipsoid(p, (0, -12, 6), (34, 48, 26))  # no sulci into the basal ganglia and ventricles
         return np.maximum(out, basal)
-
-    def _gradient(self, values, shell, shell_values=None):
-        """Gradient (3 arrays over the shell voxels, per mm of world space) of a field on the hull voxels,
-        its shell part replaced by shell_values if given."""
-        grid = np.zeros(SHAPE, np.float32)
-        grid.flat[self.index] = values
-        if shell_values is not None:
-            grid.flat[self.index[shell]] = shell_values
-        return [g.ravel()[self.index[shell]] for g in np.gradient(grid, VOXEL_MM)]
 
 
 @functools.lru_cache(maxsize=2)
