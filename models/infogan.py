@@ -95,11 +95,17 @@ def assign_codes(cat, mu, n_values, classes=None, candidates=None):
         fits = []
         for name, v in (candidates or {}).items():
             v, m = np.asarray(v, np.float64), mu[:, j]
-            r = np.corrcoef(v, m)[0, 1] if v.std() > 0 and m.std() > 0 else 0.0
+            r = correlation(v, m)
             slope, intercept = np.polyfit(v, m, 1) if v.std() > 0 else (0.0, m.mean())
             fits.append(dict(code=j, attribute=name, correlation=float(r), slope=float(slope), intercept=float(intercept)))
         out["continuous"] += [max(fits, key=lambda f: abs(f["correlation"]))] if fits else []
     return out
+
+
+def correlation(v, m):
+    """Pearson r of two (N,) arrays, 0 when either is constant."""
+    v, m = np.asarray(v, np.float64), np.asarray(m, np.float64)
+    return float(np.corrcoef(v, m)[0, 1]) if v.std() > 0 and m.std() > 0 else 0.0
 
 
 def correlation_ratio(groups, v):
@@ -128,8 +134,7 @@ def associations(cat, mu, continuous, categorical):
                            **{n: cramers_v(cat, v) for n, v in categorical.items()}}}
     for j in range(mu.shape[1]):
         m = mu[:, j].astype(np.float64)
-        out[f"continuous {j}"] = {**{n: float(np.corrcoef(np.asarray(v, np.float64), m)[0, 1]) if np.std(v) * m.std() > 0
-                                     else 0.0 for n, v in continuous.items()},
+        out[f"continuous {j}"] = {**{n: correlation(v, m) for n, v in continuous.items()},
                                   **{n: correlation_ratio(v, m) for n, v in categorical.items()}}
     return out
 
