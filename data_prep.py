@@ -1,7 +1,7 @@
 """Build the HDF5 slice store from NIfTI/Analyze volumes and the cohort's CSV (or from the synthetic cohort).
 
     python data_prep.py --synthetic 200 --out data/synthetic.h5
-    python data_prep.py --synthetic 200 --synthetic-version 2 --out data/synthetic_v2.h5
+    python data_prep.py --synthetic 200 --synthetic-version 1 --out data/synthetic_v1.h5
     python data_prep.py --images ADNI/ --csv ADNIMERGE.csv --preset adni --out data/adni.h5 --attrs age,dx
 """
 import argparse
@@ -21,9 +21,9 @@ def parse_args(argv=None):
                      help="how volumes are joined to CSV rows and which columns are attributes")
     src.add_argument("--synthetic", type=int, metavar="N", default=0,
                      help="generate N phantom subjects (NIfTI + cohort.csv) and build the store from them")
-    src.add_argument("--synthetic-version", type=int, default=1, choices=[1, 2],
-                     help="anatomy of the synthetic cohort: 1 (the published results' cohort) or 2 (folded "
-                          "cortex, T1 contrast and pose closer to real scans; mri/synthetic.py)")
+    src.add_argument("--synthetic-version", type=int, default=2, choices=[1, 2],
+                     help="anatomy of the synthetic cohort: 2 (default: folded cortex, T1 contrast and pose "
+                          "measured against real scans) or 1 (the first phantom; mri/synthetic.py)")
     src.add_argument("--volumes-dir", help="where --synthetic writes its NIfTI files (default: <out>.volumes/)")
     p.add_argument("--out", required=True, help="the store to write (.h5)")
     p.add_argument("--attrs", default="", help="comma-separated attributes to store (default: the preset's list)")

@@ -216,11 +216,12 @@ SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "nois
                            "synthetic_version")
 
 
-def synthetic_config(cfg, n_subjects, volumes_dir, version=1):
+def synthetic_config(cfg, n_subjects, volumes_dir, version=None):
     """Generate the phantom cohort (NIfTI + ADNIMERGE-style CSV) of anatomy `version` and point `cfg` at it: the
     store is then built through the same `adni` preset path as real data, keeping the ground-truth columns
     (the version included, so `mri.synthetic.counterfactual` re-renders with the store's own anatomy)."""
     from mri import synthetic
+    version = synthetic.DEFAULT_VERSION if version is None else version
     try:
         csv_path = synthetic.write_cohort(n_subjects, volumes_dir, seed=cfg.seed, workers=cfg.workers,
                                           version=version)

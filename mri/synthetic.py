@@ -38,9 +38,10 @@ seeded per scan.
 
 Anatomy versions (`VERSIONS`; a cohort records its own in the CSV column `synthetic_version`, and every
 renderer takes it, so a store is always re-rendered with the anatomy it was built from). Everything above
-holds for both; version 1 is the anatomy described above, kept bit for bit (the published results' cohort).
-Version 2 changes the anatomy and contrast towards real T1 scans, each change chosen by the realism report
-(bench/realism.py against two real brains, the ICBM152 2009a template and Colin27, reference/README.md):
+holds for both; version 1 is the anatomy described above, kept bit for bit (the first phantom). Version 2,
+the default (`DEFAULT_VERSION`) and the cohort of the published results, changes the anatomy and contrast
+towards real T1 scans, each change chosen by the realism report (bench/realism.py against two real brains,
+the ICBM152 2009a template and Colin27, reference/README.md):
 
     folding      sulci are the zero sheets of an isotropic band-limited 3D field (wavelength 20 mm; the real
                  references' dominant cortical wavelength is 20-23 mm), so they meander and branch instead of
@@ -114,6 +115,7 @@ NOISE_SIGMA = 0.025
 BLUR_VOXELS = 0.8
 STORAGE_SLOPE = 2.0 ** -10  # int16 step of the stored volumes (exact in float32)
 VERSIONS = (1, 2)  # anatomy generations (see the module docstring); a cohort records its own
+DEFAULT_VERSION = 2  # what a new cohort gets unless asked otherwise (version 1: the cohort before realism work)
 COLUMNS = ("PTID", "VISCODE", "AGE", "Years_bl", "DX", "DX_bl", "ADAS13", "MMSE", "FAQ", "PTGENDER",
            "PTEDUCAT", "IMAGEUID", "subject_seed", "onset_age", "noise_seed", "synthetic_version")
 
@@ -205,7 +207,7 @@ def _months(viscode):
     return 0 if viscode == "bl" else int(viscode.lstrip("m"))
 
 
-def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24"), version=1):
+def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24"), version=DEFAULT_VERSION):
     """ADNIMERGE-like rows (one per scan) of a phantom cohort, plus the ground-truth keys (the anatomy
     `version` included; the table itself is the same for every version).
 
@@ -637,14 +639,14 @@ class _AnatomyV2(_Anatomy):
 
 
 @functools.lru_cache(maxsize=2)
-def _anatomy(subject_seed, version=1):
+def _anatomy(subject_seed, version=DEFAULT_VERSION):
     """The subject's template, cached (a worker renders all visits of a subject in a row)."""
     return {1: _Anatomy, 2: _AnatomyV2}[_check_version(version)](subject_seed)
 
 
 # ---------------------------------------------------------------- rendering
 
-def render_labels(subject_seed, age, tau, version=1):
+def render_labels(subject_seed, age, tau, version=DEFAULT_VERSION):
     """Noise-free label volume (int8 codes indexed by LABELS) of a subject at (age, tau)."""
     anat = _anatomy(int(subject_seed), version)
     out = np.zeros(SHAPE, np.int8)
@@ -652,7 +654,7 @@ def render_labels(subject_seed, age, tau, version=1):
     return out
 
 
-def render(subject_seed, age, tau, noise_seed, version=1):
+def render(subject_seed, age, tau, noise_seed, version=DEFAULT_VERSION):
     """T1-like float32 volume of SHAPE and masks {'brain', 'ventricles', 'hippocampus'} (bool) of the anatomy
     `version`."""
     anat = _anatomy(int(subject_seed), version)
@@ -739,7 +741,7 @@ def _write_subject(rows, out_dir):
     return len(rows)
 
 
-def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m24"), version=1):
+def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m24"), version=DEFAULT_VERSION):
     """Write every volume of make_cohort(...) as int16 NIfTI (skipping existing files of the same anatomy
     version; ValueError for another version's) and then cohort.csv; returns the CSV path. The CSV is written
     last, so its presence means the cohort is complete."""
@@ -772,7 +774,7 @@ def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m
 
 # ---------------------------------------------------------------- figure
 
-def figure_aging(path, subject_seed=7, ages=(60, 65, 70, 75, 80, 85, 90), onset_age=60.0, version=1):
+def figure_aging(path, subject_seed=7, ages=(60, 65, 70, 75, 80, 85, 90), onset_age=60.0, version=DEFAULT_VERSION):
     """PNG grid of one subject's axial slice through the ventricles at each age (same scan noise): row 1
     cognitively normal throughout (tau = -inf); row 2 with the disease clock running from MCI onset at
     `onset_age` (MCI at 60, Dementia from onset_age + T_MCI = 64; a long course, to make it visible)."""

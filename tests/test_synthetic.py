@@ -36,8 +36,9 @@ def render_hash(*args, **kwargs):
 def test_version_1_renders_are_unchanged():
     syn._anatomy.cache_clear()
     for args, digest in V1_RENDERS.items():
-        assert render_hash(*args) == digest == render_hash(*args, version=1), args
-    assert render_hash(*next(iter(V1_RENDERS)), version=2) != next(iter(V1_RENDERS.values()))
+        assert render_hash(*args, version=1) == digest, args
+    args, digest = next(iter(V1_RENDERS.items()))
+    assert render_hash(*args) == render_hash(*args, version=syn.DEFAULT_VERSION) != digest  # the default is v2
     with pytest.raises(ValueError, match="unknown synthetic cohort version"):
         syn.render(SEED, 70.0, 1.0, 3, version=3)
 
@@ -60,8 +61,9 @@ def test_make_cohort_is_deterministic_and_adni_like():
     rows = syn.make_cohort(60, seed=3)
     assert rows == syn.make_cohort(60, seed=3)
     assert rows != syn.make_cohort(60, seed=4)
-    v2 = syn.make_cohort(60, seed=3, version=2)  # the same table, another anatomy
-    assert [dict(r, synthetic_version=1) for r in v2] == rows and {r["synthetic_version"] for r in v2} == {2}
+    assert syn.DEFAULT_VERSION == 2 and {r["synthetic_version"] for r in rows} == {2}
+    v1 = syn.make_cohort(60, seed=3, version=1)  # the same table, another anatomy
+    assert [dict(r, synthetic_version=2) for r in v1] == rows and {r["synthetic_version"] for r in v1} == {1}
     assert len(rows) == 180 and all(tuple(r) == syn.COLUMNS for r in rows)
     assert len({r["IMAGEUID"] for r in rows}) == 180 and len({r["PTID"] for r in rows}) == 60
     bl = [r for r in rows if r["VISCODE"] == "bl"]
