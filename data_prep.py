@@ -10,6 +10,7 @@ import sys
 
 from mri.cohorts import CohortError
 from mri.prep import PrepConfig, build, synthetic_config
+from mri.synthetic import DEFAULT_VERSION, VERSIONS
 
 
 def parse_args(argv=None):
@@ -21,7 +22,7 @@ def parse_args(argv=None):
                      help="how volumes are joined to CSV rows and which columns are attributes")
     src.add_argument("--synthetic", type=int, metavar="N", default=0,
                      help="generate N phantom subjects (NIfTI + cohort.csv) and build the store from them")
-    src.add_argument("--synthetic-version", type=int, default=2, choices=[1, 2],
+    src.add_argument("--synthetic-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS,
                      help="anatomy of the synthetic cohort: 2 (default: folded cortex, T1 contrast and pose "
                           "measured against real scans) or 1 (the first phantom; mri/synthetic.py)")
     src.add_argument("--volumes-dir", help="where --synthetic writes its NIfTI files (default: <out>.volumes/)")
