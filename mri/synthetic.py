@@ -710,8 +710,9 @@ def _write_volume(row, path):
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine(), code=1)
     img.set_sform(affine(), code=1)
-    if row_version(row) != 1:  # version 1 files stay byte for byte as they were
-        img.header["descrip"] = _descrip(row_version(row))
+    descrip = _descrip(row_version(row))
+    if descrip:  # empty for version 1, whose files stay byte for byte as they were
+        img.header["descrip"] = descrip
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         img.to_filename(tmp)
