@@ -1,8 +1,12 @@
-"""Train the evaluation oracle: a CNN predicting the attributes from a slice, early-stopped on the val split.
+"""Train the evaluation oracle: a CNN predicting the attributes from a slice, each read at its best epoch.
 
     python train_oracle.py --store data/synthetic.h5 --attrs age,dx --out runs/oracle
 
-Writes <out>/config.json, <out>/oracle.keras and <out>/val_metrics.json (accuracy / MAE in raw units).
+After every epoch the BatchNorm statistics are re-estimated for the current weights and every attribute is
+read on the val split in inference mode; each attribute keeps the weights of its best epoch (models/oracle.py).
+Writes <out>/config.json, <out>/oracle.keras and <out>/val_metrics.json: per attribute and split (train, val),
+MAE and bias (continuous) or accuracy and balanced accuracy, with subject-level 95 % intervals, the epoch each
+attribute is read at and the per-epoch validation history.
 """
 import argparse
 import json
@@ -18,8 +22,10 @@ def parse_args(argv=None):
     p.add_argument("--store", required=True, help="HDF5 slice store from data_prep.py")
     p.add_argument("--attrs", default="age,dx", help="comma-separated attributes to predict")
     p.add_argument("--out", default="runs/oracle", help="output directory")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping on the val loss)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without val improvement before stopping")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs in which no attribute improved on val")
+    p.add_argument("--calibration-batches", type=int, default=100,
+                   help="train batches over which the BatchNorm statistics are re-estimated after each epoch (0: off)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="iterations per epoch (0: one pass over train)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -40,20 +46,26 @@ def main(argv=None):
     with exit_on(StoreError, KeyError, ValueError):
         store = SliceStore(args.store)
         train = Batches(store, "train", args.attrs, args.batch_size, args.seed, shuffle=True, jitter=args.jitter)
-        n_val = len(store.indices("val"))
-        val = Batches(store, "val", args.attrs, min(args.batch_size, n_val), args.seed, shuffle=False)
+        if not len(store.indices("val")):
+            raise ValueError(f"{args.store}: the val split is empty, and every attribute is read at its best "
+                             "val epoch; rebuild the store with a val share (data_prep.py --split 0.8,0.1,0.1)")
+        calibration = Batches(store, "train", args.attrs, args.batch_size, args.seed + 1, shuffle=True)
     schema = train.schema
     write_json(os.path.join(args.out, "config.json"),
                {"method": "oracle", "args": vars(args), "schema": json.loads(schema.to_json())})
     model = oracle.build(schema, store.size, **(oracle.TINY if args.tiny else {}))
     oracle.compile_for(model, schema, args.lr)
-    oracle.fit(model, train, val, args.epochs, args.steps_per_epoch, args.patience,
-               verbose=1 if sys.stdout.isatty() else 2)
+    model, epochs, history = oracle.fit(model, train, args.epochs, args.steps_per_epoch, args.patience,
+                                        calibration, args.calibration_batches,
+                                        verbose=1 if sys.stdout.isatty() else 2)
     oracle.save(model, args.out)
-    metrics = oracle.split_metrics(oracle.Oracle(model, schema), store, "val", args.batch_size)
+    reader = oracle.Oracle(model, schema)
+    metrics = {"epoch": epochs, "history": history, **{
+        split: oracle.split_metrics(reader, store, split, batch_size=64, seed=args.seed) for split in ("train", "val")}}
     write_json(os.path.join(args.out, "val_metrics.json"), metrics)
-    for name, m in metrics.items():
-        print(f"val {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    print("each attribute read at epoch " + ", ".join(f"{n} {e}" for n, e in epochs.items()))
+    for split in ("train", "val"):
+        print("\n".join(oracle.describe_metrics(split, metrics[split])))
     print(f"wrote {os.path.abspath(args.out)}")
 
 
