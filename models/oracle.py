@@ -188,22 +188,12 @@ def selection_scores(schema, logits, attrs, idx):
             out[a.name] = (float(np.mean(np.abs(preds[a.name] - t))),)
         else:
             p = np.clip(schema.probability(logits, a.name, t), 1e-12, 1.0)
-            out[a.name] = (-balanced_accuracy(preds[a.name], t), float(-np.mean(np.log(p))))
+            out[a.name] = (-stats.balanced_accuracy(preds[a.name], t), float(-np.mean(np.log(p))))
     return out
 
 
 def _describe_score(a, s):
     return f"{a.name} MAE {s[0]:.3g}" if a.kind == "continuous" else f"{a.name} bal. acc. {-s[0]:.3f} CE {s[1]:.3f}"
-
-
-def balanced_accuracy(pred, true, weights=None):
-    """Mean per-class recall over the classes present in `true`; with `weights` (B, N) (bootstrap counts)
-    the (B,) resampled values (NaN where a resample lacks a class)."""
-    t, correct = np.asarray(true), (np.asarray(pred) == np.asarray(true)).astype(np.float64)
-    w = np.ones(len(t)) if weights is None else np.asarray(weights, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = [(w @ (correct * (t == k))) / (w @ (t == k)) for k in np.unique(t)]
-    return float(np.mean(recall)) if weights is None else np.mean(recall, axis=0)
 
 
 class Oracle:
@@ -265,9 +255,9 @@ def split_metrics(oracle, store, split="val", names=None, batch_size=64, n_boot=
             continue
         acc, acc_ci = boot.interval((p == t).astype(np.float64), groups)
         train = store.attrs[n][store.indices("train")].astype(np.int64)
-        out[n] = {"accuracy": acc, "balanced_accuracy": balanced_accuracy(p, t),
+        out[n] = {"accuracy": acc, "balanced_accuracy": stats.balanced_accuracy(p, t),
                   "ci": {"accuracy": acc_ci, "balanced_accuracy": stats.percentile_interval(
-                      balanced_accuracy(p, t, boot.for_pairs(groups)))},
+                      stats.balanced_accuracy(p, t, boot.for_pairs(groups)))},
                   "chance_balanced_accuracy": 1.0 / len(np.unique(t)),
                   "majority_accuracy": float(np.mean(t == np.bincount(train, minlength=a.width).argmax()))}
     return out

@@ -453,34 +453,11 @@ def check_oracle(store, oracle, names):
 
 
 def oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed):
-    """The oracle on the store's whole test split, with subject-bootstrap intervals: MAE (and that of
-    predicting the train mean) for continuous attributes; accuracy, balanced accuracy (mean per-class recall;
-    chance = 1 / classes) and the majority-class accuracy for the others."""
-    from models.oracle import split_predictions
-    idx, preds = split_predictions(oracle, store, "test", batch_size)
-    groups = store.subject[idx]
-    boot = stats.SubjectBootstrap(groups, n_boot, seed)
-    out = {"n": len(idx), "subjects": len(boot.subjects)}
-    for n in names:
-        a, p, t = store.schema[n], preds[n], store.attrs[n][idx].astype(np.float64)
-        if a.kind == "continuous":
-            mae, ci = boot.interval(np.abs(p - t), groups)
-            out[n] = {"mae": mae, "ci": {"mae": ci}, "mae_predicting_train_mean": float(np.mean(np.abs(a.mean - t)))}
-            continue
-        correct = (p == t).astype(np.float64)
-        acc, ci = boot.interval(correct, groups)
-        classes = [k for k in range(max(a.width, 2)) if (t == k).any()]
-
-        def recall(weights):   # mean per-class recall under pair weights (P,) or (B, P); NaN if a class is absent
-            with np.errstate(invalid="ignore", divide="ignore"):
-                return np.mean([(weights @ (correct * (t == k))) / (weights @ (t == k)) for k in classes], axis=0)
-
-        train = store.attrs[n][store.indices("train")].astype(np.int64)
-        out[n] = {"accuracy": acc, "balanced_accuracy": float(recall(np.ones(len(t)))),
-                  "ci": {"accuracy": ci, "balanced_accuracy": stats.percentile_interval(recall(boot.for_pairs(groups)))},
-                  "chance_balanced_accuracy": 1.0 / len(classes),
-                  "majority_accuracy": float(np.mean(t == np.bincount(train, minlength=a.width).argmax()))}
-    return out
+    """The oracle on the store's whole test split, with subject-bootstrap intervals (models.oracle.split_metrics):
+    MAE, bias and that of predicting the train mean for continuous attributes; accuracy, balanced accuracy
+    (mean per-class recall; chance = 1 / classes) and the majority-class accuracy for the others."""
+    from models.oracle import split_metrics
+    return split_metrics(oracle, store, "test", names, batch_size, n_boot, seed)
 
 
 def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n_boot=N_BOOT, log=print):
@@ -719,7 +696,8 @@ def report_markdown(metrics, title="Evaluation"):
             if not isinstance(s, dict):
                 continue
             if "mae" in s:
-                lines.append(f"- {name}: MAE {_cell(s, 'mae')} (predicting the train mean: {_fmt(s['mae_predicting_train_mean'])})")
+                lines.append(f"- {name}: MAE {_cell(s, 'mae')}, bias {_cell(s, 'bias')} (predicting the train mean: "
+                             f"MAE {_fmt(s['mae_predicting_train_mean'])})")
             else:
                 lines.append(f"- {name}: balanced accuracy {_cell(s, 'balanced_accuracy')} (chance "
                              f"{_fmt(s['chance_balanced_accuracy'])}), accuracy {_cell(s, 'accuracy')} (majority class "

@@ -62,6 +62,16 @@ def percentile_interval(samples, level=LEVEL):
     return [float(lo), float(hi)]
 
 
+def balanced_accuracy(pred, true, weights=None):
+    """Mean per-class recall over the classes present in `true`; with `weights` (B, N) (bootstrap counts)
+    the (B,) resampled values (NaN where a resample lacks a class)."""
+    t, correct = np.asarray(true), (np.asarray(pred) == np.asarray(true)).astype(np.float64)
+    w = np.ones(len(t)) if weights is None else np.asarray(weights, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = [(w @ (correct * (t == k))) / (w @ (t == k)) for k in np.unique(t)]
+    return float(np.mean(recall)) if weights is None else np.mean(recall, axis=0)
+
+
 # --- Kernel Inception Distance -------------------------------------------------------------------------------
 def polynomial_kernel(a, b):
     """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018)."""
