@@ -6,7 +6,8 @@ After every epoch the BatchNorm statistics are re-estimated for the current weig
 read on the val split in inference mode; each attribute keeps the weights of its best epoch (models/oracle.py).
 Writes <out>/config.json, <out>/oracle.keras and <out>/val_metrics.json: per attribute and split (train, val),
 MAE and bias (continuous) or accuracy and balanced accuracy, with subject-level 95 % intervals, the epoch each
-attribute is read at and the per-epoch validation history.
+attribute is read at and the per-epoch validation history; with --ceiling (synthetic stores) the diagnosis
+ceiling on the same val split.
 """
 import argparse
 import json
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--jitter", type=float, default=0.05, help="brightness/contrast jitter amplitude (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and dropout")
+    p.add_argument("--ceiling", action="store_true",
+                   help="synthetic stores: also score the diagnosis ceiling (a classifier on each val slice's true "
+                        "structure areas, age and position; mri/ceiling.py) beside the oracle")
     p.add_argument("--tiny", action="store_true", help="smallest architecture, for smoke runs and tests")
     args = p.parse_args(argv)
     args.attrs = [a for a in args.attrs.split(",") if a]
@@ -62,10 +66,16 @@ def main(argv=None):
     reader = oracle.Oracle(model, schema)
     metrics = {"epoch": epochs, "history": history, **{
         split: oracle.split_metrics(reader, store, split, batch_size=64, seed=args.seed) for split in ("train", "val")}}
+    if args.ceiling:
+        from mri.ceiling import describe, dx_ceiling
+        with exit_on(ValueError):
+            metrics["ceiling"] = dx_ceiling(store, "train", "val", seed=args.seed)
     write_json(os.path.join(args.out, "val_metrics.json"), metrics)
     print("each attribute read at epoch " + ", ".join(f"{n} {e}" for n, e in epochs.items()))
     for split in ("train", "val"):
         print("\n".join(oracle.describe_metrics(split, metrics[split])))
+    if args.ceiling:
+        print(describe(metrics["ceiling"]))
     print(f"wrote {os.path.abspath(args.out)}")
 
 
