@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by subject)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the synthetic cohort)")
     p.add_argument("--workers", type=int, default=2, help="processes used for the volumes")
+    p.add_argument("--no-register", action="store_true",
+                   help="cut every volume with its own plan (data already registered); by default each follow-up "
+                        "is registered rigidly to its subject's first visit and cut with that visit's plan")
     p.add_argument("--label-map", action="append", default=[], metavar="ATTR:VALUE=CLASS",
                    help="map an unknown label, e.g. dx:SMC=CN (repeatable)")
     custom = p.add_argument_group("--preset custom")
@@ -57,7 +60,7 @@ def main(argv=None):
                      attrs=tuple(x for x in a.attrs.split(",") if x), size=a.size, slices=a.slices,
                      spacing=a.spacing, split=split, seed=a.seed, workers=a.workers,
                      label_maps=tuple(a.label_map), id_regex=a.id_regex, id_column=a.id_column,
-                     attr_columns=a.attr_columns)
+                     attr_columns=a.attr_columns, register=not a.no_register)
     try:
         if a.synthetic:
             cfg = synthetic_config(cfg, a.synthetic, a.volumes_dir or a.out + ".volumes", a.synthetic_version)

@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from mri import cohorts
 from mri.attributes import Attribute, Schema
 from mri.io import atomic_path, read_json, remove_stale_temporaries, write_json
-from mri.preprocess import BadVolume, process_file
+from mri.preprocess import BadVolume, apply_plan, intensity_scale, load_canonical, normalise, volume_to_slices
 from mri.store import assign_splits, write_store
 
 
@@ -42,6 +43,7 @@ class PrepConfig:
     id_regex: str = ""
     id_column: str = ""
     attr_columns: str = ""
+    register: bool = True                        # follow-ups registered to the subject's first visit
     extra: dict = field(default_factory=dict)   # provenance only (e.g. the synthetic cohort's arguments)
 
 
@@ -81,18 +83,65 @@ def _part_name(path):
 
 
 def _process(job):
-    """Worker: one volume -> a part file. Returns (path, error or None, whether the part already existed)."""
-    path, part, size, n_slices, spacing = job
-    if os.path.exists(part):
-        return path, None, True
-    try:
-        slices, plan = process_file(path, size, n_slices, spacing)
-    except BadVolume as e:
-        return path, str(e), False
-    with atomic_path(part) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, slices=slices.astype(np.float16), plan=json.dumps(plan))
-    return path, None, False
+    """Worker: the volumes of one subject (first visit first) -> part files. Without registration each volume
+    is cut with its own plan; with it, every later visit is registered rigidly to the first usable visit
+    (mri/register.py) and cut with that visit's plan (geometry; the intensity scale stays the scan's own).
+    Returns [(path, error or None, whether the part already existed)] in the job's order."""
+    volumes, size, n_slices, spacing, registered = job
+    if all(os.path.exists(part) for _, part in volumes):
+        return [(path, None, True) for path, _ in volumes]
+    out, base = [], None
+    for path, part in volumes:
+        if os.path.exists(part) and (base is not None or not registered or len(volumes) == 1):
+            out.append((path, None, True))
+            continue
+        try:
+            data, affine = load_canonical(path)
+            if base is None:
+                slices, plan = volume_to_slices(data, affine, size, n_slices, spacing)
+                if registered:
+                    base = (np.maximum(data, 0), affine, plan, path)
+            else:
+                slices, plan = _registered_slices(np.maximum(data, 0), affine, base, size)
+        except BadVolume as e:
+            out.append((path, str(e), False))
+            continue
+        existed = os.path.exists(part)
+        if not existed:
+            with atomic_path(part) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, slices=slices.astype(np.float16), plan=json.dumps(plan))
+        out.append((path, None, existed))
+    return out
+
+
+def _registered_slices(data, affine, base, size):
+    """A follow-up cut with its first visit's plan: the plan's affine maps the first visit's world to this
+    scan's voxels through the rigid transform T (first visit world -> this scan's world)."""
+    from mri.register import register
+    base_data, base_affine, base_plan, base_path = base
+    transform, ncc = register(base_data, base_affine, data, affine)
+    plan = dict(base_plan, scale=intensity_scale(data), affine=(np.linalg.inv(transform) @ affine).tolist(),
+                rigid=transform.tolist(), rigid_ncc=ncc, registered_to=os.path.basename(base_path))
+    return normalise(apply_plan(data, plan, size), plan), plan
+
+
+def visit_key(meta):
+    """Order of a subject's visits: by age where the store has it, then by the visit label (months of
+    ADNI's 'mNN' codes; 'bl', 'sc' and other labels first), then the path."""
+    m = re.fullmatch(r"m(\d+)", meta["visit"].lower())
+    age = meta["attrs"].get("age", math.inf)
+    return (age if isinstance(age, float) and not math.isnan(age) else math.inf,
+            int(m.group(1)) if m else -1, meta["visit"], meta["path"])
+
+
+def subject_jobs(metas, parts_dir, cfg):
+    """One job per subject (its volumes first visit first) with registration, else one per volume."""
+    groups = {}
+    for m in sorted(metas, key=visit_key):
+        key = m["subject"] if cfg.register else m["path"]
+        groups.setdefault(key, []).append((m["path"], os.path.join(parts_dir, _part_name(m["path"]))))
+    return [(g, cfg.size, cfg.slices, cfg.spacing, cfg.register) for g in groups.values()]
 
 
 def _load_part(part):
@@ -145,16 +194,19 @@ def build(cfg, log=print):
     os.makedirs(parts_dir, exist_ok=True)
     write_json(os.path.join(parts_dir, "args.json"), args)
 
-    jobs = [(m["path"], os.path.join(parts_dir, _part_name(m["path"])), cfg.size, cfg.slices, cfg.spacing) for m in metas]
-    errors = {}
+    jobs = subject_jobs(metas, parts_dir, cfg)
+    errors, part_of = {}, {path: part for job in jobs for path, part in job[0]}
     with _pool(cfg.workers) as pool:
         imap = pool.imap(_process, jobs) if pool else map(_process, jobs)
-        for path, error, resumed in tqdm(imap, total=len(jobs), desc="volumes", unit="vol"):
-            if error:
-                errors[path] = error
-            summary.resumed += resumed
+        with tqdm(total=len(metas), desc="volumes", unit="vol") as bar:
+            for results in imap:
+                for path, error, resumed in results:
+                    if error:
+                        errors[path] = error
+                    summary.resumed += resumed
+                bar.update(len(results))
     summary.skipped += [(p, errors[p]) for p in sorted(errors)]
-    kept = [(m, j[1]) for m, j in zip(metas, jobs) if m["path"] not in errors]
+    kept = [(m, part_of[m["path"]]) for m in metas if m["path"] not in errors]
     summary.volumes = len(kept)
     if not kept:
         for line in summary.lines():
