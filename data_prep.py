@@ -6,11 +6,12 @@
 """
 import argparse
 import os
+import re
 import sys
 
 from mri.cohorts import CohortError
 from mri.prep import PrepConfig, build, synthetic_config
-from mri.synthetic import DEFAULT_VERSION, VERSIONS
+from mri.synthetic import DEFAULT_VERSION, VERSIONS, VISITS
 
 
 def parse_args(argv=None):
@@ -25,6 +26,9 @@ def parse_args(argv=None):
     src.add_argument("--synthetic-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS,
                      help="anatomy of the synthetic cohort: 2 (default: folded cortex, T1 contrast and pose "
                           "measured against real scans) or 1 (the first phantom; mri/synthetic.py)")
+    src.add_argument("--synthetic-visits", default=",".join(VISITS), metavar="bl,m12,...",
+                     help="visit codes of every synthetic subject (ADNI-style: bl, mNN months after baseline), e.g. "
+                          "bl,m12,m24,m48,m72 for longer spans; another list draws another cohort")
     src.add_argument("--volumes-dir", help="where --synthetic writes its NIfTI files (default: <out>.volumes/)")
     p.add_argument("--out", required=True, help="the store to write (.h5)")
     p.add_argument("--attrs", default="", help="comma-separated attributes to store (default: the preset's list)")
@@ -44,6 +48,9 @@ def parse_args(argv=None):
     custom.add_argument("--id-column", default="", help="CSV column holding that id")
     custom.add_argument("--attr-columns", default="", help="name:column:kind,... (kind: continuous|binary|categorical)")
     args = p.parse_args(argv)
+    args.synthetic_visits = tuple(v for v in args.synthetic_visits.split(",") if v)
+    if any(not re.fullmatch(r"bl|m\d+", v) for v in args.synthetic_visits) or args.synthetic_visits[:1] != ("bl",):
+        p.error(f"--synthetic-visits {','.join(args.synthetic_visits)!r}: start with bl, then mNN codes (e.g. bl,m12,m48)")
     if not args.synthetic and not (args.images and args.csv):
         p.error("give --images and --csv for a real cohort, or --synthetic N")
     return args
@@ -63,7 +70,8 @@ def main(argv=None):
                      attr_columns=a.attr_columns, register=not a.no_register)
     try:
         if a.synthetic:
-            cfg = synthetic_config(cfg, a.synthetic, a.volumes_dir or a.out + ".volumes", a.synthetic_version)
+            cfg = synthetic_config(cfg, a.synthetic, a.volumes_dir or a.out + ".volumes", a.synthetic_version,
+                                   a.synthetic_visits)
         summary = build(cfg)
     except CohortError as e:
         sys.exit(f"error: {e}")

@@ -268,7 +268,7 @@ SYNTHETIC_TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "nois
                            "synthetic_version")
 
 
-def synthetic_config(cfg, n_subjects, volumes_dir, version=None):
+def synthetic_config(cfg, n_subjects, volumes_dir, version=None, visits=None):
     """Generate the phantom cohort (NIfTI + ADNIMERGE-style CSV) of anatomy `version` and point `cfg` at it: the
     store is then built through the same `adni` preset path as real data, keeping the ground-truth columns
     (the version included, so `mri.synthetic.counterfactual` re-renders with the store's own anatomy)."""
@@ -276,9 +276,10 @@ def synthetic_config(cfg, n_subjects, volumes_dir, version=None):
     version = synthetic.DEFAULT_VERSION if version is None else version
     try:
         csv_path = synthetic.write_cohort(n_subjects, volumes_dir, seed=cfg.seed, workers=cfg.workers,
-                                          version=version)
+                                          visits=tuple(visits or synthetic.VISITS), version=version)
     except ValueError as e:
         raise cohorts.CohortError(str(e)) from e
     return PrepConfig(**dict(cfg.__dict__, images=volumes_dir, csv=csv_path, preset="adni",
                              keep_columns=SYNTHETIC_TRUTH_COLUMNS,
-                             extra={"synthetic": {"subjects": n_subjects, "seed": cfg.seed, "version": version}}))
+                             extra={"synthetic": {"subjects": n_subjects, "seed": cfg.seed, "version": version,
+                                                  "visits": list(visits or synthetic.VISITS)}}))

@@ -93,6 +93,7 @@ from mri.io import atomic_path
 VOXEL_MM = 1.5
 SHAPE = (112, 136, 112)
 DX = ("CN", "MCI", "Dementia")
+VISITS = ("bl", "m12", "m24")   # the default visits of a synthetic subject
 T_MCI = 4.0  # years from MCI onset to dementia
 T_PRE = 6.0  # years of faster (MCI-rate) atrophy before MCI onset
 REF_AGE = 50.0  # anatomy is defined at this age; aging runs from here
@@ -207,7 +208,7 @@ def _months(viscode):
     return 0 if viscode == "bl" else int(viscode.lstrip("m"))
 
 
-def make_cohort(n_subjects, seed=0, visits=("bl", "m12", "m24"), version=DEFAULT_VERSION):
+def make_cohort(n_subjects, seed=0, visits=VISITS, version=DEFAULT_VERSION):
     """ADNIMERGE-like rows (one per scan) of a phantom cohort, plus the ground-truth keys (the anatomy
     `version` included; the table itself is the same for every version).
 
@@ -742,7 +743,7 @@ def _write_subject(rows, out_dir):
     return len(rows)
 
 
-def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=("bl", "m12", "m24"), version=DEFAULT_VERSION):
+def write_cohort(n_subjects, out_dir, seed=0, workers=2, visits=VISITS, version=DEFAULT_VERSION):
     """Write every volume of make_cohort(...) as int16 NIfTI (skipping existing files of the same anatomy
     version; ValueError for another version's) and then cohort.csv; returns the CSV path. The CSV is written
     last, so its presence means the cohort is complete."""
