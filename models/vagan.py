@@ -42,19 +42,21 @@ def conv(h, filters, norm=True):
     return layers.ReLU()(batch_norm()(h) if norm else h)
 
 
-def map_generator(size, y_dim, filters=16, levels=3):
+def map_generator(size, y_dim, filters=16, levels=3, channels=1, norm=True):
+    """M: the U-Net of the module docstring, `channels` linear outputs (models/longitudinal.py uses 3 and no
+    BatchNorm)."""
     x, y = keras.Input((size, size, 1), name="image"), keras.Input((y_dim,), name="target")
     h, skips = layers.Concatenate()([x, tile(y, size)]), []
     for i in range(levels):
-        h = conv(conv(h, filters * 2 ** i), filters * 2 ** i)
+        h = conv(conv(h, filters * 2 ** i, norm), filters * 2 ** i, norm)
         skips.append(h)
         h = layers.MaxPooling2D()(h)
-    h = conv(conv(h, filters * 2 ** levels), filters * 2 ** levels)
+    h = conv(conv(h, filters * 2 ** levels, norm), filters * 2 ** levels, norm)
     for skip in reversed(skips):
-        h = layers.Conv2DTranspose(filters, 4, 2, "same", use_bias=False)(h)
-        h = layers.Concatenate()([layers.ReLU()(batch_norm()(h)), skip])
-        h = conv(conv(h, skip.shape[-1]), skip.shape[-1])
-    return keras.Model([x, y], layers.Conv2D(1, 3, padding="same")(h), name="map_generator")
+        h = layers.Conv2DTranspose(filters, 4, 2, "same", use_bias=not norm)(h)
+        h = layers.Concatenate()([layers.ReLU()(batch_norm()(h) if norm else h), skip])
+        h = conv(conv(h, skip.shape[-1], norm), skip.shape[-1], norm)
+    return keras.Model([x, y], layers.Conv2D(channels, 3, padding="same")(h), name="map_generator")
 
 
 def critic(size, y_dim=0, filters=16):
