@@ -72,6 +72,42 @@ class Paired:
     __call__ = Batches.__call__
 
 
+class VisitPairs:
+    """Batches of visit pairs of one split (the longitudinal model's): every ordered pair (s, t) of two visits
+    of one subject at the same axial index (registered by data_prep, so the same anatomy). batch(step) is
+    (images (B, S, S, 2): source then target, conditions (B, 2 width + 1): encoded source attributes, encoded
+    target attributes, age difference in years), a pure function of (seed, step) like Batches."""
+
+    def __init__(self, store, split="train", attrs=None, batch_size=32, seed=0):
+        self.store = store if isinstance(store, SliceStore) else SliceStore(store)
+        self.schema = self.store.schema.select(attrs) if attrs else self.store.schema
+        if "age" not in self.schema.names:
+            raise ValueError(f"{self.store.path}: visit pairs need the 'age' attribute (the time between visits)")
+        idx = self.store.indices(split)
+        groups = {}
+        for i in idx:
+            groups.setdefault((self.store.subject[i], int(self.store.slice[i])), []).append(i)
+        self.pairs = np.array([(a, b) for g in groups.values() for a in g for b in g if a != b], np.int64).reshape(-1, 2)
+        if len(self.pairs) < batch_size:
+            raise ValueError(f"{self.store.path}: the {split!r} split has {len(self.pairs)} visit pairs (subjects "
+                             f"with two or more visits), fewer than --batch-size {batch_size}")
+        self.y = {int(i): v for i, v in zip(idx, self.store.encoded(idx, self.schema))}
+        self.age = self.store.attrs["age"]
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = len(self.pairs) // batch_size
+
+    def batch(self, step):
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        s, t = self.pairs[order[k * self.batch_size:(k + 1) * self.batch_size]].T
+        x = np.stack([self.store.images(s), self.store.images(t)], axis=-1)
+        cond = np.concatenate([np.stack([self.y[int(i)] for i in s]), np.stack([self.y[int(i)] for i in t]),
+                               (self.age[t] - self.age[s])[:, None]], axis=1)
+        return x, cond.astype(np.float32)
+
+    __call__ = Batches.__call__
+
+
 DOMAINS_USAGE = ("--domains takes ATTR=CLASS_A:CLASS_B (two classes, e.g. dx=CN:Dementia) or ATTR<V:ATTR>=W (two "
                  "disjoint ranges of one continuous attribute, e.g. age<65:age>=75; < <= > >=)")
 SIDE = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>|=)\s*(\S.*?)\s*$")
@@ -157,8 +193,7 @@ def jitter(x, amount, rng):
 def dataset(batches, start_step=0, prefetch=2):
     """Infinite tf.data.Dataset of `batches` from `start_step`, prefetched."""
     import tensorflow as tf
-    s, w = batches.store.size, batches.schema.width
-    spec = (tf.TensorSpec((batches.batch_size, s, s, 1), tf.float32), tf.TensorSpec((batches.batch_size, w), tf.float32))
+    spec = tuple(tf.TensorSpec(a.shape, tf.float32) for a in batches.batch(start_step))
     ds = tf.data.Dataset.from_generator(lambda: batches(start_step), output_signature=spec)
     return ds.prefetch(prefetch)
 

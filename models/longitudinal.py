@@ -1,0 +1,155 @@
+"""A change model learnt from visit pairs: how one subject's slice changes between two of its visits.
+
+Every other method learns aging from differences between subjects, which differ far more than two visits of
+one subject. This one is supervised by the registered visits of a subject (data_prep cuts every visit with
+the first visit's plan, so slice k of every visit shows the same anatomy): given a slice x_s of a visit with
+attributes y_s, the target attributes y_t of another visit of the same subject and the age difference
+dt = age_t - age_s (years), it predicts that visit's slice x_t.
+
+Network (f = filters):
+    U  [x_s, tile(y_s, y_t)] -> (v_x, v_y, r) per year   the U-Net of models/vagan.py (no BatchNorm), 3 linear
+                                                         outputs: a displacement field (pixels per year) and an
+                                                         intensity rate (per year)
+Change, parameterised (`--parameterisation`):
+    displacement   x' = clip(W(x_s, dt v) + dt r)     W samples x_s at p + dt v(p) (bilinear)
+    intensity      x' = clip(x_s + dt r)
+Atrophy moves tissue borders; a displacement that grows with dt extrapolates from 1-2-year pairs to +-10 years
+where a difference image only scales. A diagnosis change at the same age (dt = 0) is no change: visit pairs
+rarely change diagnosis, and diagnosis enters as the rate's condition.
+
+Loss over a batch of pairs (M = the source's foreground grown by 2 pixels, means over pixels):
+    L = sum M (x' - x_t)^2 / sum M  +  lambda_smooth mean |grad v|^2
+The targets carry their own scan noise, so the model learns the expected change. Outside M nothing changes.
+"""
+import keras
+import numpy as np
+from keras import ops
+
+from models.layers import FusedAdam
+from models.vagan import map_generator
+from mri import training
+
+PARAMETERISATIONS = ("displacement", "intensity")
+FOREGROUND = -0.9     # [-1, 1] images: the background is -1
+GROW = 2              # pixels the foreground is grown by (atrophy moves the outline inwards)
+TINY_FILTERS = 4
+
+
+def foreground(x):
+    """(N, S, S, 1) 0/1: pixels above the background, grown by GROW pixels."""
+    return ops.max_pool(ops.cast(x > FOREGROUND, "float32"), 2 * GROW + 1, strides=1, padding="same")
+
+
+def warp(x, displacement):
+    """x (N, S, S, 1) sampled at p + displacement(p) (N, S, S, 2: rows, columns; bilinear, edges repeated)."""
+    n, s = ops.shape(x)[0], ops.shape(x)[1]
+    b, i, j = ops.meshgrid(ops.arange(n, dtype="float32"), ops.arange(s, dtype="float32"),
+                           ops.arange(s, dtype="float32"), indexing="ij")
+    coords = ops.stack([b, i + displacement[..., 0], j + displacement[..., 1]])
+    return ops.image.map_coordinates(x[..., 0], coords, order=1, fill_mode="nearest")[..., None]
+
+
+class Longitudinal(keras.Model):
+    """The change model: `fields(x, y_s, y_t)` gives the per-year fields, `change(...)` the changed slice."""
+
+    def __init__(self, schema, size=128, filters=16, parameterisation="displacement", lambda_smooth=1.0, seed=0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if size % 8:
+            raise ValueError(f"image size must be a multiple of 8 (the U-Net pools 3 times), got {size}")
+        if parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}")
+        self.schema, self.parameterisation, self.lambda_smooth = schema, parameterisation, lambda_smooth
+        self.net = map_generator(size, 2 * schema.width, filters, channels=3, norm=False)
+        out = self.net.layers[-1]
+        out.kernel.assign(ops.zeros_like(out.kernel))   # the untrained model changes nothing
+        self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", "pair_mse", "smooth", "identity_mse")}
+        self.built = True
+
+    def compile(self, optimizer, jit_compile=False):
+        super().compile(optimizer=None, jit_compile=jit_compile)
+        self.u_optimizer = optimizer
+        optimizer.build(self.net.trainable_weights)
+
+    @property
+    def optimizers(self):
+        return {"u": self.u_optimizer}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def fields(self, x, y_s, y_t, training=False):
+        """(displacement per year (N, S, S, 2), intensity rate per year (N, S, S, 1))."""
+        out = self.net([x, ops.concatenate([y_s, y_t], axis=1)], training=training)
+        if self.parameterisation == "intensity":
+            return ops.zeros_like(out[..., :2]), out[..., 2:]
+        return out[..., :2], out[..., 2:]
+
+    def change(self, x, y_s, y_t, dt, training=False):
+        """(x', per-year displacement): x changed by dt years (dt (N,)) towards y_t, unchanged outside the
+        grown foreground."""
+        v, r = self.fields(x, y_s, y_t, training)
+        dt = ops.reshape(ops.cast(dt, "float32"), (-1, 1, 1, 1))
+        moved = warp(x, dt * v) if self.parameterisation == "displacement" else x
+        changed = ops.clip(moved + dt * r, -1.0, 1.0)
+        inside = foreground(x)
+        return inside * changed + (1.0 - inside) * x, v
+
+    def call(self, inputs, training=False):
+        return self.change(*inputs, training=training)[0]
+
+    def split(self, data):
+        """A VisitPairs batch -> (x_s, y_s, y_t, dt, x_t)."""
+        xx, cond = data
+        w = self.schema.width
+        return xx[..., :1], cond[:, :w], cond[:, w:2 * w], cond[:, 2 * w], xx[..., 1:]
+
+    def losses_of(self, data, training=False):
+        x, y_s, y_t, dt, target = self.split(data)
+        changed, v = self.change(x, y_s, y_t, dt, training)
+        m = foreground(x)
+        pair = ops.sum(m * ops.square(changed - target)) / ops.maximum(ops.sum(m), 1.0)
+        smooth = (ops.mean(ops.square(v[:, 1:] - v[:, :-1])) + ops.mean(ops.square(v[:, :, 1:] - v[:, :, :-1])))
+        ident = ops.sum(m * ops.square(x - target)) / ops.maximum(ops.sum(m), 1.0)
+        return pair, smooth, ident
+
+    def train_step(self, data):
+        """One Adam step on L = pair MSE inside the brain + lambda_smooth |grad v|^2."""
+        import tensorflow as tf
+        with tf.GradientTape() as tape:
+            pair, smooth, ident = self.losses_of(data, training=True)
+            loss = pair + self.lambda_smooth * smooth
+        weights = self.net.trainable_weights
+        self.u_optimizer.apply(tape.gradient(loss, weights), weights)
+        for name, v in (("loss", loss), ("pair_mse", pair), ("smooth", smooth), ("identity_mse", ident)):
+            self.trackers[name].update_state(v)
+        self.step.assign_add(1)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        """Each slice changed by (target age - source age) years towards the target attributes."""
+        x = np.asarray(images, np.float32)
+        y_s, y_t = self.schema.encode(source_attrs), self.schema.encode(target_attrs)
+        dt = np.asarray(target_attrs["age"], np.float32) - np.asarray(source_attrs["age"], np.float32)
+        return np.asarray(self.change(ops.convert_to_tensor(x), ops.convert_to_tensor(y_s),
+                                      ops.convert_to_tensor(y_t), ops.convert_to_tensor(dt))[0])
+
+
+def from_args(args, schema):
+    if "age" not in schema.names:
+        raise ValueError("the longitudinal model needs the 'age' attribute (the time between visits)")
+    return Longitudinal(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"],
+                        args["parameterisation"], args["lambda_smooth"], args["seed"])
+
+
+def compile_from_args(model, args):
+    model.compile(FusedAdam(args["lr"]), jit_compile=training.jit_compile(args["jit"]))
+    return model
+
+
+def from_run(run_dir):
+    """A trained run, ready for manipulate()."""
+    return training.load_run(run_dir, from_args)
