@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-epoch", type=int, default=0, help="iterations per epoch (0: one pass over train)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: the learning rate falls from --lr to 0 over --epochs; constant: --lr throughout")
     p.add_argument("--jitter", type=float, default=0.05, help="brightness/contrast jitter amplitude (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and dropout")
     p.add_argument("--ceiling", action="store_true",
@@ -58,7 +60,8 @@ def main(argv=None):
     write_json(os.path.join(args.out, "config.json"),
                {"method": "oracle", "args": vars(args), "schema": json.loads(schema.to_json())})
     model = oracle.build(schema, store.size, **(oracle.TINY if args.tiny else {}))
-    oracle.compile_for(model, schema, args.lr)
+    steps = args.steps_per_epoch or train.steps_per_epoch
+    oracle.compile_for(model, schema, args.lr, steps * args.epochs if args.lr_schedule == "cosine" else 0)
     model, epochs, history = oracle.fit(model, train, args.epochs, args.steps_per_epoch, args.patience,
                                         calibration, args.calibration_batches,
                                         verbose=1 if sys.stdout.isatty() else 2)

@@ -97,9 +97,12 @@ def compose(schema, size, snapshots, filters=FILTERS, features=FEATURES, dropout
     return model
 
 
-def compile_for(model, schema, learning_rate=1e-3):
-    """Adam on the sum of the schema's per-attribute losses; each attribute's loss is also logged."""
+def compile_for(model, schema, learning_rate=1e-3, decay_steps=0):
+    """Adam on the sum of the schema's per-attribute losses; each attribute's loss is also logged. With
+    `decay_steps` the learning rate follows a cosine from `learning_rate` to 0 over that many steps."""
     import keras
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
 
     def attribute_loss(name):
         def fn(y_true, y_pred):

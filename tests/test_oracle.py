@@ -212,3 +212,17 @@ def test_clear_errors(store_path, tmp_path):
         train_oracle.main(["--store", store_path, "--attrs", "age,apoe", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="cannot open store"):
         train_oracle.main(["--store", str(tmp_path / "none.h5"), "--out", str(tmp_path / "o")])
+
+
+def test_cosine_learning_rate(store_path):
+    with SliceStore(store_path) as store:
+        schema = store.schema.select(["age"])
+        model = oracle.compile_for(_tiny(schema, store.size), schema, 1e-3, decay_steps=10)
+        model.optimizer.build(model.trainable_weights)
+        for step in (0, 5, 10):
+            model.optimizer.iterations.assign(step)
+            np.testing.assert_allclose(float(model.optimizer.learning_rate), 1e-3 * 0.5 * (1 + math.cos(math.pi * step / 10)), atol=1e-9)
+        flat = oracle.compile_for(_tiny(schema, store.size), schema, 1e-3)
+        flat.optimizer.build(flat.trainable_weights)
+        flat.optimizer.iterations.assign(7)
+        np.testing.assert_allclose(float(flat.optimizer.learning_rate), 1e-3)
