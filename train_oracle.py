@@ -76,7 +76,7 @@ def main(argv=None):
     write_json(os.path.join(args.out, "val_metrics.json"), metrics)
     print("each attribute read at epoch " + ", ".join(f"{n} {e}" for n, e in epochs.items()))
     for split in ("train", "val"):
-        print("\n".join(oracle.describe_metrics(split, metrics[split])))
+        print("\n".join(f"{split} {line}" for line in oracle.describe_metrics(metrics[split])))
     if args.ceiling:
         print(describe(metrics["ceiling"]))
     print(f"wrote {os.path.abspath(args.out)}")

@@ -266,21 +266,23 @@ def split_metrics(oracle, store, split="val", names=None, batch_size=64, n_boot=
     return out
 
 
-def describe_metrics(split, metrics):
-    """One printed line per attribute of split_metrics()."""
-    def cell(m, k):
+def describe_metrics(metrics, cell=None):
+    """One line per attribute of split_metrics(), "name: ..."; `cell(m, key)` formats a value with its interval."""
+    def plain(m, k):
         lo, hi = m["ci"][k]
-        return f"{k.replace('_', ' ')} {m[k]:.3g} [{lo:.3g}, {hi:.3g}]"
+        return f"{m[k]:.3g} [{lo:.3g}, {hi:.3g}]"
+    cell = cell or plain
     lines = []
     for n, m in metrics.items():
         if not isinstance(m, dict):
             continue
         if "mae" in m:
-            lines.append(f"{split} {n}: {cell(m, 'mae')}, {cell(m, 'bias')}, r {m['r']:.3f} "
+            lines.append(f"{n}: MAE {cell(m, 'mae')}, bias {cell(m, 'bias')}, r {m['r']:.3f} "
                          f"(predicting the train mean: MAE {m['mae_predicting_train_mean']:.3g})")
         else:
-            lines.append(f"{split} {n}: {cell(m, 'balanced_accuracy')} (chance {m['chance_balanced_accuracy']:.3g}), "
-                         f"{cell(m, 'accuracy')} (majority class {m['majority_accuracy']:.3g})")
+            lines.append(f"{n}: balanced accuracy {cell(m, 'balanced_accuracy')} (chance "
+                         f"{m['chance_balanced_accuracy']:.3g}), accuracy {cell(m, 'accuracy')} (majority class "
+                         f"{m['majority_accuracy']:.3g})")
     return lines
 
 
