@@ -4,7 +4,8 @@
 
 After every epoch the BatchNorm statistics are re-estimated for the current weights and every attribute is
 read on the val split in inference mode; each attribute keeps the weights of its best epoch (models/oracle.py).
-Writes <out>/config.json, <out>/oracle.keras and <out>/val_metrics.json: per attribute and split (train, val),
+Writes <out>/config.json, <out>/oracle.keras and <out>/val_metrics.json: per attribute and split (train on at
+most 100 subjects, val),
 MAE and bias (continuous) or accuracy and balanced accuracy, with subject-level 95 % intervals, the epoch each
 attribute is read at and the per-epoch validation history; with --ceiling (synthetic stores) the diagnosis
 ceiling on the same val split.
@@ -16,6 +17,8 @@ import sys
 
 from mri.io import exit_on, write_json
 from mri.store import SliceStore, StoreError
+
+TRAIN_SUBJECTS = 100   # the train split is read on this many seeded subjects at most (the val split whole)
 
 
 def parse_args(argv=None):
@@ -68,7 +71,8 @@ def main(argv=None):
     oracle.save(model, args.out)
     reader = oracle.Oracle(model, schema)
     metrics = {"epoch": epochs, "history": history, **{
-        split: oracle.split_metrics(reader, store, split, batch_size=64, seed=args.seed) for split in ("train", "val")}}
+        split: oracle.split_metrics(reader, store, split, batch_size=64, seed=args.seed, max_subjects=TRAIN_SUBJECTS
+                                    if split == "train" else 0) for split in ("train", "val")}}
     if args.ceiling:
         from mri.ceiling import describe, dx_ceiling
         with exit_on(ValueError):

@@ -224,27 +224,38 @@ class Oracle:
         return self.schema.decode_logits(self.outputs(images, batch_size)[1])
 
 
-def split_logits(model, store, split, batch_size=64):
-    """(indices of the split's slices, (N, width) logits of a keras oracle model in inference mode), read
-    from the store a batch at a time."""
+def split_indices(store, split, max_subjects=0, seed=0):
+    """The split's slice indices; with `max_subjects`, those of that many seeded subjects at most."""
     idx = store.indices(split)
+    subjects = np.unique(store.subject[idx])
+    if max_subjects and len(subjects) > max_subjects:
+        keep = np.random.default_rng([seed, 9]).choice(subjects, max_subjects, replace=False)
+        idx = idx[np.isin(store.subject[idx], keep)]
+    return idx
+
+
+def split_logits(model, store, split, batch_size=64, max_subjects=0, seed=0):
+    """(indices of the split's slices (`split_indices`), (N, width) logits of a keras oracle model in
+    inference mode), read from the store a batch at a time."""
+    idx = split_indices(store, split, max_subjects, seed)
     parts = [np.asarray(model.predict_on_batch(store.images(idx[i:i + batch_size])[..., None]))
              for i in range(0, len(idx), batch_size)]
     return idx, np.concatenate(parts) if parts else np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
 
 
-def split_predictions(oracle, store, split, batch_size=64):
+def split_predictions(oracle, store, split, batch_size=64, max_subjects=0, seed=0):
     """(indices of the split's slices, {name: (N,) raw predictions}), read from the store a batch at a time."""
-    idx, logits = split_logits(oracle.model, store, split, batch_size)
+    idx, logits = split_logits(oracle.model, store, split, batch_size, max_subjects, seed)
     return idx, oracle.schema.decode_logits(logits)
 
 
-def split_metrics(oracle, store, split="val", names=None, batch_size=64, n_boot=1000, seed=0):
+def split_metrics(oracle, store, split="val", names=None, batch_size=64, n_boot=1000, seed=0, max_subjects=0):
     """How the oracle reads each attribute (`names`, default all) on a split of `store`, in inference mode,
     with 95 % intervals from resampling the split's subjects: for continuous attributes MAE, bias (mean of
     prediction - truth) and Pearson r, beside the MAE of predicting the train mean; for the others accuracy,
-    balanced accuracy (mean per-class recall; chance = 1 / classes present) and the majority class's accuracy."""
-    idx, preds = split_predictions(oracle, store, split, batch_size)
+    balanced accuracy (mean per-class recall; chance = 1 / classes present) and the majority class's accuracy.
+    `max_subjects`: read that many seeded subjects of the split at most."""
+    idx, preds = split_predictions(oracle, store, split, batch_size, max_subjects, seed)
     groups = store.subject[idx]
     boot = stats.SubjectBootstrap(groups, n_boot, seed)
     out = {"n": len(idx), "subjects": len(boot.subjects)}

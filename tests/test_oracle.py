@@ -165,7 +165,7 @@ def test_split_metrics_bias_mae_and_intervals(store_path, monkeypatch):
         schema = store.schema.select(["age", "dx"])
         idx = store.indices("val")
         fake = {"age": store.attrs["age"][idx] + 3.0, "dx": np.zeros(len(idx))}
-        monkeypatch.setattr(oracle, "split_predictions", lambda o, st, split, bs=64: (idx, fake))
+        monkeypatch.setattr(oracle, "split_predictions", lambda o, st, split, *a: (idx, fake))
         m = oracle.split_metrics(oracle.Oracle(_tiny(schema, store.size), schema), store, "val", n_boot=200)
         t = store.attrs["dx"][idx]
         assert m["n"] == len(idx) and m["subjects"] == len(set(store.subject[idx]))
@@ -226,3 +226,12 @@ def test_cosine_learning_rate(store_path):
         flat.optimizer.build(flat.trainable_weights)
         flat.optimizer.iterations.assign(7)
         np.testing.assert_allclose(float(flat.optimizer.learning_rate), 1e-3)
+
+
+def test_split_indices_keep_whole_subjects(store_path):
+    with SliceStore(store_path) as store:
+        everything = store.indices("train")
+        assert np.array_equal(oracle.split_indices(store, "train"), everything)
+        some = oracle.split_indices(store, "train", max_subjects=2, seed=1)
+        kept = set(store.subject[some])
+        assert len(kept) == 2 and np.array_equal(some, everything[np.isin(store.subject[everything], list(kept))])
