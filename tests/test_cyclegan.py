@@ -124,6 +124,35 @@ def test_toy_squares_become_bright_and_come_back():
     assert np.abs(back - test).mean() < 0.1, np.abs(back - test).mean()
 
 
+def test_one_step_logs_the_losses_of_its_equations():
+    """One training step's logged losses are the module docstring's equations computed here from the networks
+    before the step (D_A judges real A and G_BA's slices, D_B real B and G_AB's), and each pool, not yet full,
+    stores its own domain's generated slices."""
+    import keras
+    from models import cyclegan
+    from mri.loader import parse_domains
+    keras.utils.set_random_seed(0)
+    s, n = schema(), 2
+    model = cyclegan.CycleGAN(s, parse_domains("dx=CN:Dementia", s), size=24, filters=2, blocks=1, pool_size=2 * n)
+    cyclegan.compile_from_args(model, dict(lr=1e-3, constant_epochs=1, decay_epochs=0, jit="off"), 1)
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (n, 24, 24, 1)).astype(np.float32) for _ in range(2))
+    g_ab, g_ba, d_a, d_b = (lambda v, net=net: np.asarray(net(v), np.float64)
+                            for net in (model.g_ab, model.g_ba, model.d_a, model.d_b))
+    square = lambda scores, target: np.mean((scores - target) ** 2)
+    fake_b, fake_a = g_ab(a), g_ba(b)
+    want = {"adversarial": square(d_b(fake_b), 1) + square(d_a(fake_a), 1),
+            "cycle": np.mean(np.abs(g_ba(fake_b) - a)) + np.mean(np.abs(g_ab(fake_a) - b)),
+            "identity": np.mean(np.abs(g_ab(b) - b)) + np.mean(np.abs(g_ba(a) - a)),
+            "d_a": (square(d_a(a), 1) + square(d_a(fake_a), 0)) / 2,
+            "d_b": (square(d_b(b), 1) + square(d_b(fake_b), 0)) / 2}
+    logs = model.train_step((np.concatenate([a, b]), np.zeros((2 * n, 1), np.float32)))
+    for name, value in want.items():
+        assert float(logs[name]) == pytest.approx(value, rel=1e-4), name
+    np.testing.assert_allclose(model.pool_a.images.numpy()[:n], fake_a, atol=1e-5)
+    np.testing.assert_allclose(model.pool_b.images.numpy()[:n], fake_b, atol=1e-5)
+
+
 def test_tiny_run_logs_the_schedule_and_resume_is_exact(store_path, run4, tmp_path):
     """4 steps == 2 + resume + 2: the weights, both optimizers, the pools, the seed generator and the schedule
     (which decays only after the resume)."""

@@ -127,6 +127,28 @@ def test_codes_are_tied_to_attributes_on_a_constructed_case():
     assert model.unsupported() == ["age", "dx"]
 
 
+def test_codes_for_sets_each_tied_code_from_the_attributes():
+    """A class becomes the categorical value assigned to it (a map that is not its own inverse), a tied continuous
+    code clip(intercept + slope v); an untied code, and every code of an attribute not given, keep Q's reading."""
+    from models import infogan
+    value_class = [1, 2, 0, None]                       # value k is read as class value_class[k]
+    model = infogan.InfoGAN.__new__(infogan.InfoGAN)
+    model.cat_dim, model.codes = 4, {
+        "categorical": {"attribute": "dx", "classes": value_class, "accuracy": 0.9, "majority": 0.4},
+        "continuous": [{"code": 0, "attribute": "slice", "correlation": infogan.MIN_CORRELATION / 2, "slope": 1.0,
+                        "intercept": 0.0},
+                       {"code": 1, "attribute": "age", "correlation": -0.8, "slope": -0.05, "intercept": 3.5}]}
+    rng = np.random.default_rng(0)
+    cat, cont = np.array([3, 3, 3, 1]), rng.uniform(-1, 1, (4, 2)).astype(np.float32)
+    dx, age = np.array([0, 1, 2, 2]), np.array([40.0, 60.0, 75.0, 100.0])
+    got = model.codes_for(cat, cont, {"dx": dx, "age": age, "slice": np.arange(4)})
+    np.testing.assert_array_equal(got[:, :4], np.eye(4)[[value_class.index(k) for k in dx]])
+    np.testing.assert_allclose(got[:, 4], cont[:, 0])
+    np.testing.assert_allclose(got[:, 5], np.clip(3.5 - 0.05 * age, -1, 1), atol=1e-6)
+    assert sorted(np.round(got[:, 5], 6)) == [-1, -0.25, 0.5, 1]     # clipped at both ends and inside
+    np.testing.assert_allclose(model.codes_for(cat, cont, {}), np.concatenate([np.eye(4)[cat], cont], 1))
+
+
 def test_exact_resume_across_the_phase_boundary(straight):
     """2 GAN steps, then --resume with 2 encoder steps == 4 steps in one go (weights, optimizers, RNG state)."""
     want, got = read_checkpoint(straight[0]), read_checkpoint(straight[2])
