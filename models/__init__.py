@@ -32,8 +32,10 @@ BASELINES = ("identity", "meandiff", "truth")
 RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi",
                "cyclegan": "models.cyclegan", "infogan": "models.infogan"}
 # config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
-# feature network): such a run must not be the evaluation oracle
+# feature network): such a run must not be the evaluation oracle. training.Run stores them absolute, with the
+# content hash of the helper's weights under "helpers"; these values name no run
 AUXILIARY_ARGS = ("regressor", "features")
+NOT_RUNS = ("", "imagenet")   # VA-GAN without a regressor, DFI on ImageNet VGG19 weights
 
 
 def _config(spec):
@@ -46,21 +48,40 @@ def _config(spec):
 
 
 def auxiliary_runs(spec):
-    """{argument: run directory} of the helper networks a method's run was trained with (none for baselines)."""
+    """{argument: {"path", "weights"}} of the helper networks a method's run was trained with (none for
+    baselines): the paths and weight hashes its config.json records, or for a run recorded without them, the
+    helper directories as found now (a path that is not found is an error, never skipped)."""
     if spec in BASELINES:
         return {}
     config, c = _config(spec)
-    args = c.get("args", {})
-    return {k: args[k] for k in AUXILIARY_ARGS if isinstance(args.get(k), str) and os.path.isdir(args[k])}
+    if "helpers" in c:
+        return c["helpers"]
+    from mri.io import weights_hash
+    out = {}
+    for k in AUXILIARY_ARGS:
+        run = c.get("args", {}).get(k)
+        if not isinstance(run, str) or run in NOT_RUNS:
+            continue
+        if not os.path.isdir(run):
+            raise FileNotFoundError(f"{config}: its helper --{k} {run} is not found from {os.getcwd()}, so it "
+                                    "cannot be checked against the oracle; run evaluate.py from the directory "
+                                    "the run was trained in, or give the helper's absolute path in that file")
+        out[k] = {"path": os.path.abspath(run), "weights": weights_hash(run)}
+    return out
 
 
 def check_independent(spec, oracle_dir):
-    """No method may be judged by its own helper: refuse a run whose auxiliary network is the oracle's run."""
-    for arg, run in auxiliary_runs(spec).items():
-        if os.path.realpath(run) == os.path.realpath(oracle_dir):
-            raise ValueError(f"{spec} was trained with --{arg} {run}, which is the evaluation oracle {oracle_dir}: "
-                             "a method cannot be scored by its own helper network; evaluate it with an oracle "
-                             "trained separately (another run of train_oracle.py, ideally on another store)")
+    """No method may be judged by its own helper: refuse a run whose auxiliary network has the oracle's
+    weights (by content: mri.io.weights_hash, so a copy of the oracle's run is refused too) or is its run."""
+    from mri.io import weights_hash
+    helpers = auxiliary_runs(spec)
+    oracle = weights_hash(oracle_dir) if helpers else None
+    for arg, helper in helpers.items():
+        if helper["weights"] == oracle or os.path.realpath(helper["path"]) == os.path.realpath(oracle_dir):
+            raise ValueError(f"{spec} was trained with --{arg} {helper['path']}, whose weights are those of the "
+                             f"evaluation oracle {oracle_dir}: a method cannot be scored by its own helper network; "
+                             "evaluate it with an oracle trained separately (another run of train_oracle.py, "
+                             "ideally on another store)")
 
 
 def load_method(spec, store, attrs=None):

@@ -1,8 +1,17 @@
-"""Small helpers shared by every script: atomic writes, JSON, clean error exits."""
+"""Small helpers shared by every script: atomic writes, JSON, clean error exits, the hash of a run's weights."""
 import contextlib
 import glob
+import hashlib
+import io
 import json
 import os
+import zipfile
+
+import numpy as np
+
+# a run directory's weight files: a Keras model (train_oracle.py's oracle.keras), a Keras weights file, a
+# training checkpoint (mri/training.py)
+WEIGHT_FILES = ("*.keras", "*.weights.h5", "checkpoint.npz")
 
 
 @contextlib.contextmanager
@@ -70,3 +79,40 @@ def exit_on(*errors):
         yield
     except errors as e:
         raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}")
+
+
+# --- the content hash of a run's weights -------------------------------------------------------------------
+def weights_hash(run_dir):
+    """SHA-256 of the weights in a run directory: the digest of every array of its WEIGHT_FILES (dtype, shape
+    and bytes), the digests sorted. It names the weights, not the files: a copy, a re-save (a .keras zip
+    records its save time, its weights do not change) or renamed layers hash alike, and any changed weight
+    changes it."""
+    files = sorted(f for p in WEIGHT_FILES for f in glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), p))
+                   if ".tmp-" not in os.path.basename(f))
+    if not files:
+        raise FileNotFoundError(f"{run_dir} holds no weights ({', '.join(WEIGHT_FILES)}): give a trained run directory")
+    digests = sorted(_digest(a) for f in files for a in _weight_arrays(f))
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _digest(array):
+    a = np.ascontiguousarray(array)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _weight_arrays(path):
+    """The arrays of one weight file: the datasets of a Keras weights file (inside a .keras zip too), or
+    the arrays of an .npz checkpoint."""
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            return [z[k] for k in sorted(z.files)]
+    import h5py
+    if path.endswith(".keras"):
+        with zipfile.ZipFile(path) as z:
+            source = io.BytesIO(z.read("model.weights.h5"))
+    else:
+        source = path
+    out = []
+    with h5py.File(source, "r") as f:
+        f.visititems(lambda name, obj: out.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out

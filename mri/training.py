@@ -19,7 +19,7 @@ import numpy as np
 
 from mri import grids
 from mri.attributes import Schema
-from mri.io import atomic_path, exit_on, read_json, write_json
+from mri.io import atomic_path, exit_on, read_json, weights_hash, write_json
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -85,21 +85,45 @@ def start_run(args, method, growable=("epochs",)):
     return batches, val, Run(args.out, method, args, batches.schema, args.resume, growable)
 
 
+def helper_path(arg, value):
+    """A helper run's argument (models.AUXILIARY_ARGS: VA-GAN's --regressor, DFI's --features) as an absolute
+    path when it names a directory; any other value as given ("" for none, DFI's "imagenet")."""
+    from models import AUXILIARY_ARGS
+    named = arg in AUXILIARY_ARGS and isinstance(value, str) and value and os.path.isdir(value)
+    return os.path.abspath(value) if named else value
+
+
+def record_helpers(args):
+    """Makes the helper runs' arguments in `args` absolute and returns {argument: {"path", "weights"}}, the
+    content hash of each helper's weights (mri.io.weights_hash), which evaluate.py compares with the oracle's."""
+    from models import AUXILIARY_ARGS
+    helpers = {}
+    for k in AUXILIARY_ARGS:
+        path = helper_path(k, getattr(args, k, None))
+        if isinstance(path, str) and path and os.path.isdir(path):
+            setattr(args, k, path)
+            helpers[k] = {"path": path, "weights": weights_hash(path)}
+    return helpers
+
+
 class Run:
-    """A run directory: config.json (arguments + schema + method), checkpoint, log.csv, tb/, samples/."""
+    """A run directory: config.json (arguments + schema + method + its helper runs' paths and weight hashes),
+    checkpoint, log.csv, tb/, samples/."""
 
     def __init__(self, out, method, args, schema, resume=False, growable=("epochs",)):
         self.out, self.method = out, method
         self.checkpoint = os.path.join(out, CHECKPOINT)
         config_path = os.path.join(out, "config.json")
+        helpers = record_helpers(args)
         config = {"method": method, "args": {k: v for k, v in vars(args).items() if k != "resume"},
-                  "schema": json.loads(schema.to_json())}
+                  "schema": json.loads(schema.to_json()), "helpers": helpers}
         if resume:
             if not os.path.exists(self.checkpoint):
                 raise SystemExit(f"--resume: no checkpoint in {out}; start it without --resume")
             old = read_json(config_path)
-            changed = {k for k in set(old["args"]) | set(config["args"])
-                       if k not in growable and old["args"].get(k) != config["args"].get(k)}
+            old_args = {k: helper_path(k, v) for k, v in old["args"].items()}
+            changed = {k for k in set(old_args) | set(config["args"])
+                       if k not in growable and old_args.get(k) != config["args"].get(k)}
             if changed:
                 flags = ", ".join("--" + k.replace("_", "-") for k in growable)
                 raise SystemExit(f"--resume: arguments {sorted(changed)} differ from {config_path}; "

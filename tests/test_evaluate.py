@@ -372,7 +372,7 @@ def test_refuses_a_method_judged_by_its_own_helper_and_a_mismatched_oracle(plant
     run = tmp_path / "runs" / "vagan"
     write_json(run / "config.json", {"method": "fader", "args": {"regressor": oracle_dir}})
     common = ["--store", store, "--out", str(tmp_path / "r"), "--n", "8"]
-    with pytest.raises(SystemExit, match=f"{run}.*--regressor.*is the evaluation oracle.*own helper"):
+    with pytest.raises(SystemExit, match=f"{run}.*--regressor.*weights are those of the evaluation oracle.*own helper"):
         evaluate.main(common + ["--oracle", oracle_dir, "--methods", f"identity,{run}"])
     with pytest.raises(SystemExit, match="not both in the store"):
         evaluate.main(common + ["--oracle", oracle_dir, "--methods", "identity", "--attrs", "age,nosuch"])
@@ -383,6 +383,52 @@ def test_refuses_a_method_judged_by_its_own_helper_and_a_mismatched_oracle(plant
         write_json(tmp_path / "o16" / "config.json", {"method": "oracle", "schema": json.loads(s.schema.to_json())})
     with pytest.raises(SystemExit, match="takes 16x16 slices.*--size 32"):
         evaluate.main(common + ["--oracle", str(tmp_path / "o16"), "--methods", "identity"])
+
+
+def test_a_helper_with_the_oracles_weights_is_refused_by_content(planted, tmp_path, monkeypatch):
+    """A run records its helper's absolute path and weight hash; evaluate refuses a helper whose weights are the
+    oracle's: a copy of the oracle's run, a re-saved copy (other bytes, same weights), a relative path
+    recorded without a hash; a helper path it cannot find is an error, and a helper with other weights passes."""
+    import argparse
+    import shutil
+    import keras
+    from models import check_independent
+    from mri import training
+    from mri.io import read_json, weights_hash
+    store, oracle_dir, _ = planted
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(oracle_dir, "runs/regressor")
+    with SliceStore(store) as s:
+        training.Run("runs/vagan", "vagan", argparse.Namespace(regressor="runs/regressor", epochs=1), s.schema)
+    config = read_json("runs/vagan/config.json")
+    helper = config["helpers"]["regressor"]
+    assert config["args"]["regressor"] == helper["path"] == str(tmp_path / "runs" / "regressor")
+    assert helper["weights"] == weights_hash(oracle_dir)
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    keras.models.load_model(os.path.join(oracle_dir, "oracle.keras"), compile=False).save(resaved / "oracle.keras")
+    with open(os.path.join(oracle_dir, "oracle.keras"), "rb") as f:
+        assert (resaved / "oracle.keras").read_bytes() != f.read()      # the zip records when it was saved
+    assert weights_hash(resaved) == helper["weights"]
+    write_json("runs/legacy/config.json", {"method": "vagan", "args": {"regressor": "runs/regressor"}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for oracle in (oracle_dir, str(resaved)):
+        with pytest.raises(ValueError, match="whose weights are those of the evaluation oracle"):
+            check_independent(str(tmp_path / "runs" / "vagan"), oracle)
+        with pytest.raises(ValueError, match="whose weights are those of the evaluation oracle"):
+            check_independent(str(tmp_path / "runs" / "legacy"), oracle)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match="whose weights are those of the evaluation oracle"):
+        check_independent(str(tmp_path / "runs" / "vagan"), oracle_dir)    # recorded absolute, with its hash
+    with pytest.raises(FileNotFoundError, match="runs/regressor is not found from .*run evaluate.py from"):
+        check_independent(str(tmp_path / "runs" / "legacy"), oracle_dir)
+    other = tmp_path / "other"
+    other.mkdir()
+    model = keras.models.load_model(resaved / "oracle.keras", compile=False)
+    model.set_weights([w + 1 for w in model.get_weights()])
+    model.save(other / "oracle.keras")
+    check_independent(str(tmp_path / "runs" / "vagan"), str(other))
 
 
 def test_oracle_is_scored_on_the_test_split(planted):
