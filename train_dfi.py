@@ -10,7 +10,7 @@ every train slice and the attribute-space neighbour index are cached once in <ou
 import argparse
 import os
 
-from models import dfi
+from models import dfi, feature_networks
 from mri import training
 from mri.io import exit_on, remove_stale_temporaries
 from mri.store import SliceStore, StoreError
@@ -24,7 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--features", required=True, help="a train_oracle.py run directory, or `imagenet` (VGG19)")
     p.add_argument("--vgg-weights", default="", help="--features imagenet: VGG19 no-top .h5 file "
                                                      "(default: the Keras cache, ~/.keras/models/)")
-    p.add_argument("--k", type=int, default=100, help="neighbours in each of the source and target sets")
+    p.add_argument("--k", type=int, default=100, help="neighbours in each of the source and target sets (checked "
+                   "against the train split here, recorded in config.json, used whenever the run manipulates)")
     p.add_argument("--window", type=int, default=1, help="neighbours within this many slice positions")
     p.add_argument("--alpha", type=float, default=1.0, help="step along w (1: the neighbour sets' mean difference)")
     p.add_argument("--tv-weight", type=float, default=0.0, help="weight of the total-variation prior")
@@ -42,7 +43,8 @@ def main(argv=None):
         store = SliceStore(args.store)
         schema = store.schema.select(args.attrs)
         args.size = store.size
-        net = dfi.features_from_args(vars(args), store.size)
+        dfi.check_k(store, schema, args.k, args.window)
+        net = feature_networks.features_from_args(vars(args), store.size)
     run = training.Run(args.out, "dfi", args, schema)
     path = os.path.join(run.out, dfi.FEATURES_FILE)
     for tmp in remove_stale_temporaries(path):

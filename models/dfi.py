@@ -3,80 +3,51 @@
 Nothing adversarial is trained: `DFI.fit` caches the feature vectors of the train split once, and `manipulate`
 shifts a slice's deep features towards its target attributes, then reconstructs the image that has them.
 
-    phi(x)      post-ReLU maps at three scales, flattened and concatenated: VGG19's conv3_1, conv4_1, conv5_1
-                (`imagenet_features`), or the first conv of the last three pooling levels of a store-trained
-                oracle-style network (`store_features`: the same scales, 1/4, 1/8 and 1/16 of a 128 px slice)
+    phi(x)      post-ReLU maps at three scales, flattened and concatenated (models/feature_networks.py): VGG19's
+                conv3_1, conv4_1, conv5_1, or the first conv of the last three pooling levels of a store-trained
+                oracle-style network (the same scales, 1/4, 1/8 and 1/16 of a 128 px slice)
     S, T        the k train slices nearest to the source / the target attributes in Mahalanobis distance
                 sqrt((a - b)^T VI (a - b)) over the schema codes (continuous z-scored, categorical one-hot),
                 VI = pinv(covariance of the train codes), among other subjects' slices within `window`
                 positions of the source slice
-    w           = mean_T phi - mean_S phi
-    z*(alpha)   = argmin_z 1/2 ||phi(z) - (phi(x) + alpha w)||^2 + tv_weight TV(z),  z in [-1, 1],
-                  scipy L-BFGS-B from z = x for `iterations` iterations, every slice of a batch in one call
-                  (their objectives are independent, so the batch minimises their sum)
+    w           = mean_T phi - mean_S phi, not normalised: alpha = 1 adds the neighbour sets' mean difference
+                  itself, whatever the feature network's scale (a factor on phi scales w and phi(x) alike; the
+                  reference code divides w by its mean square instead); tv_weight, weighed against a squared
+                  feature error, does depend on that scale
+    z*(alpha)   = argmin_z 1/2 ||phi(z) - (phi(x) + alpha w)||^2 + tv_weight TV(z),  z in [-1, 1], for each slice
+                  on its own: box-constrained L-BFGS from z = x for `iterations` iterations, the batch's values
+                  and gradients from one TensorFlow call (models/lbfgs.py; not scipy's L-BFGS-B, which has no
+                  batched mode: one call over a batch's summed objectives couples its slices until convergence)
     TV(z)       = sum_ij ((z[i+1,j] - z[i,j])^2 + (z[i,j+1] - z[i,j])^2 + TV_EPS)^(tv_beta / 2)
     manipulate  = z*(alpha)                         (mode "decode")
                 = clip(x + z*(alpha) - z*(0))       (mode "residual": the reconstruction's own drift cancels)
+A DFI remembers neighbour-set means and each slice's z*(0) (up to 256 MB each): they recur, in a change and its
+reverse, and for every target of one source.
 """
+import collections
+import functools
+import hashlib
 import json
 import os
-import re
 
 import h5py
 import numpy as np
-import scipy.optimize
 import tensorflow as tf
 from keras import ops
 
+from models import lbfgs
+from models.feature_networks import features_from_args
 from models.layers import single_blas_thread
 from mri.attributes import Schema
 from mri.io import atomic_path, read_json
 
 MODES = ("decode", "residual")
-IMAGENET_LAYERS = ("block3_conv1", "block4_conv1", "block5_conv1")
-VGG19_NOTOP = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TV_EPS = 1e-8
 FEATURES_FILE = "features.h5"
+MEAN_CACHE_BYTES = UNSHIFTED_CACHE_BYTES = 2 ** 28
 
 
-# --- feature networks ------------------------------------------------------------------------------------------
-def imagenet_weights(path=""):
-    """The local VGG19 no-top weights file: `path`, else the Keras cache; never downloaded."""
-    path = path or os.path.join(os.path.expanduser("~"), ".keras", "models", VGG19_NOTOP)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"ImageNet VGG19 weights not found at {path}. Nothing is downloaded at run time: on a machine with "
-            f"network, `python -c \"import keras; keras.applications.VGG19(include_top=False)\"` saves {VGG19_NOTOP} "
-            "to ~/.keras/models/; copy it here and pass --vgg-weights PATH (or use --features RUN, a train_oracle.py run)")
-    return path
-
-
-def imagenet_features(size, weights):
-    """VGG19 to conv5_1 on grey [-1, 1] slices tiled to 3 channels with caffe preprocessing (255 scale, BGR
-    mean removed). `weights`: the no-top .h5 file, or None for random weights (tests and benchmarks only)."""
-    import keras
-    from keras import layers
-    vgg = keras.applications.VGG19(include_top=False, weights=weights, input_shape=(size, size, 3))
-    x = keras.Input((size, size, 1), name="image")
-    bgr = layers.Rescaling(127.5, offset=[127.5 - m for m in CAFFE_MEAN_BGR])(layers.Concatenate()([x, x, x]))
-    trunk = keras.Model(vgg.inputs, [vgg.get_layer(n).output for n in IMAGENET_LAYERS])
-    return keras.Model(x, trunk(bgr), name="vgg19_features")
-
-
-def store_features(run_dir):
-    """The post-ReLU first conv of the last three pooling levels of a train_oracle.py run's network."""
-    import keras
-    from models.oracle import load_oracle
-    model = load_oracle(run_dir).model
-    names = sorted((l.name for l in model.layers if re.fullmatch(r"block\d+_relu1", l.name)),
-                   key=lambda n: int(n[5:].split("_")[0]))
-    if len(names) < 3:
-        raise ValueError(f"{run_dir}: its network has {len(names)} pooling levels, DFI needs 3 "
-                         "(train it without --tiny)")
-    return keras.Model(model.input, [model.get_layer(n).output for n in names[-3:]], name="store_features")
-
-
+# --- features -----------------------------------------------------------------------------------------------
 def flat_features(net, z):
     return ops.concatenate([ops.reshape(f, (ops.shape(z)[0], -1)) for f in net(z, training=False)], axis=1)
 
@@ -99,23 +70,41 @@ class Neighbours:
         """(Q, k) pool rows, nearest first (ties by row). position None: any; subject "": none excluded."""
         out = np.empty((len(codes), k), np.int64)
         for i, q in enumerate(codes):
-            ok = self.subject != subject[i]
-            if position is not None and self.window is not None:
-                ok &= np.abs(self.position - position[i]) <= self.window
-            rows = np.flatnonzero(ok)
-            if len(rows) < k:
-                raise ValueError(f"only {len(rows)} train slices within {self.window} positions of position "
-                                 f"{position[i]} from other subjects; lower --k (now {k}) or widen --window")
+            rows = self.candidates(None if position is None else position[i], subject[i], k)
             d = self.codes[rows] - q
             dist = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, self.vi, d), 0))
             out[i] = rows[np.lexsort((rows, dist))[:k]]
         return out
 
+    def candidates(self, position, subject, k):
+        """Pool rows within `window` positions of `position`, not of `subject`; at least k of them."""
+        ok = self.subject != subject
+        if position is not None and self.window is not None:
+            ok &= np.abs(self.position - position) <= self.window
+        rows = np.flatnonzero(ok)
+        if len(rows) < k:
+            raise ValueError(f"only {len(rows)} train slices within {self.window} positions of position {position} "
+                             f"from other subjects, fewer than k = {k} (train_dfi.py --k, in the run's config.json): "
+                             "lower --k or widen --window")
+        return rows
+
+    def check(self, k):
+        """The candidates' ValueError if a query at a pool position, from outside the pool, has fewer than k."""
+        for p in np.unique(self.position):
+            self.candidates(p, "", k)
+
+
+def check_k(store, schema, k, window):
+    """train_dfi.py's check of --k against the store's train split, before anything is written."""
+    idx = store.indices("train")
+    Neighbours(schema.encode(store.raw(idx)), store.slice[idx], store.subject[idx].astype(str), window).check(k)
+
 
 # --- reconstruction ----------------------------------------------------------------------------------------------
 class Reconstructor:
-    """z* of a batch: one scipy L-BFGS-B run over the summed objectives, value and gradient from one
-    compiled TensorFlow function (float64 sum, so the line search sees small decreases)."""
+    """z* of each slice of a batch by its own box-constrained L-BFGS (models/lbfgs.py): the values and gradients
+    of the slices still searching come from one compiled TensorFlow call (float64 sums, so the line search sees
+    small decreases). A slice's result does not depend on its batch mates."""
 
     def __init__(self, net, tv_weight=0.0, tv_beta=2.0, iterations=150):
         self.net, self.iterations = net, iterations
@@ -124,31 +113,39 @@ class Reconstructor:
         self.last_result = None
 
     def features(self, images):
-        return ops.convert_to_numpy(flat_features(self.net, ops.convert_to_tensor(images, "float32")))
+        """phi (N, F); one image goes as a pair, as in the objective (below)."""
+        x = np.asarray(images, np.float32)
+        return ops.convert_to_numpy(flat_features(self.net, np.concatenate([x, x]) if len(x) == 1 else x))[:len(x)]
 
-    def _objective(self, z, target, tv_weight, tv_beta):
+    def _objective(self, z, target, rows, tv_weight, tv_beta):
+        """Each slice's objective (N,) and its gradient: that of their sum, since they are independent."""
         with tf.GradientTape() as tape:
             tape.watch(z)
-            diff = ops.cast(flat_features(self.net, z) - target, "float64")
-            tv = ops.cast(total_variation(z, tv_beta), "float64")
-            loss = 0.5 * ops.sum(diff ** 2) + tv_weight * ops.sum(tv)
-        return loss, tape.gradient(loss, z)
+            diff = ops.cast(flat_features(self.net, z) - tf.gather(target, rows), "float64")
+            loss = 0.5 * ops.sum(diff ** 2, axis=1) + tv_weight * ops.cast(total_variation(z, tv_beta), "float64")
+            total = ops.sum(loss)
+        return loss, tape.gradient(total, z)
 
     def __call__(self, x, target):
-        """argmin over z of (N, S, S, 1) of the summed objectives, from z = x, within [-1, 1]."""
-        shape = x.shape
+        """Each slice's argmin over z of (N, S, S, 1), from z = x, within [-1, 1]."""
+        shape = (-1, *x.shape[1:])
         target = tf.constant(target, tf.float32)
         tv = (tf.constant(self.tv_weight, tf.float64), tf.constant(self.tv_beta, tf.float32))   # not baked in a trace
 
-        def f(v):
-            loss, grad = self._value_and_grad(tf.constant(v.reshape(shape), tf.float32), target, *tv)
-            return float(loss), np.asarray(grad, np.float64).ravel()
+        def f(z, rows):
+            """Values and gradients of the slices `rows` at z. One slice goes as a pair: TensorFlow's CPU kernels
+            take another path for a batch of one (the last bits differ, and L-BFGS amplifies them); from two on,
+            a slice's numbers do not depend on its batch mates."""
+            n = len(rows)
+            if n == 1:
+                z, rows = np.concatenate([z, z]), np.concatenate([rows, rows])
+            loss, grad = self._value_and_grad(tf.constant(z.reshape(shape), tf.float32), target,
+                                              tf.constant(rows, tf.int32), *tv)
+            return loss.numpy()[:n], grad.numpy()[:n].reshape(n, -1)
 
         with single_blas_thread():
-            self.last_result = scipy.optimize.minimize(
-                f, np.asarray(x, np.float64).ravel(), jac=True, method="L-BFGS-B",
-                bounds=scipy.optimize.Bounds(-1.0, 1.0), options={"maxiter": self.iterations})
-        return self.last_result.x.reshape(shape).astype(np.float32)
+            z, self.last_result = lbfgs.minimize(f, np.reshape(x, (len(x), -1)), -1.0, 1.0, self.iterations)
+        return z.reshape(shape)
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
@@ -163,6 +160,9 @@ class DFI:
         self.neighbours = Neighbours(cache["codes"][:], cache["position"][:],
                                      cache["subject"][:].astype(str), window)
         self.reconstruct = Reconstructor(net, tv_weight, tv_beta, iterations)
+        dim = cache["features"].shape[1]       # the same sets recur (reversed changes, one source's targets)
+        self.mean_features = functools.lru_cache(max(1, MEAN_CACHE_BYTES // (4 * dim)))(self._mean_features)
+        self.unshifted = collections.OrderedDict()   # z*(0) by slice: each source recurs with every target
 
     @staticmethod
     def fit(store, net, attrs, path, batch_size=64, log=print):
@@ -201,10 +201,19 @@ class DFI:
         rows_s, rows_t = (self.neighbours.query(c, position, subject, self.k) for c in (src, tgt))
         w = np.zeros((len(src), self.cache["features"].shape[1]), np.float32)
         for i, (s, t) in enumerate(zip(np.sort(rows_s), np.sort(rows_t))):
-            if not np.array_equal(s, t):   # h5py reads rows in increasing order
-                w[i] = np.asarray(self.cache["features"][t], np.float32).mean(0) - \
-                    np.asarray(self.cache["features"][s], np.float32).mean(0)
+            if not np.array_equal(s, t):
+                w[i] = self.mean_features(tuple(t)) - self.mean_features(tuple(s))
         return w
+
+    def _mean_features(self, rows):
+        """Mean phi (F,) of the cached train slices `rows`, read chunk by chunk (`fit` stores each slice's vector
+        as one unfiltered chunk; h5py's fancy indexing read 400 rows 30 to 90 times slower). Remembered for the
+        last MEAN_CACHE_BYTES of means (`mean_features`)."""
+        feats = self.cache["features"]
+        out = np.empty((len(rows), feats.shape[1]), feats.dtype)
+        for k, i in enumerate(rows):
+            out[k] = np.frombuffer(feats.id.read_direct_chunk((int(i), 0))[1], feats.dtype)
+        return out.mean(0, dtype=np.float32)
 
     def manipulate(self, images, source_attrs, target_attrs):
         """decode: z*(alpha); residual: x + z*(alpha) - z*(0), and x itself where the shift is 0."""
@@ -216,17 +225,18 @@ class DFI:
             return self.reconstruct(x, phi + self.alpha * w)
         out, moved = x.copy(), np.any(w != 0, axis=1)
         if moved.any():
-            xm, n = x[moved], int(moved.sum())
-            both = self.reconstruct(np.concatenate([xm, xm]), np.concatenate([phi[moved] + self.alpha * w[moved],
-                                                                               phi[moved]]))
-            out[moved] = np.clip(xm + both[:n] - both[n:], -1.0, 1.0)
+            xm, n, phi = x[moved], int(moved.sum()), phi[moved]
+            r = self.reconstruct
+            keys = [(r.tv_weight, r.tv_beta, r.iterations, hashlib.sha256(v.tobytes()).digest()) for v in xm]
+            todo = list({k: i for i, k in enumerate(keys) if k not in self.unshifted}.values())
+            z = r(np.concatenate([xm, xm[todo]]), np.concatenate([phi + self.alpha * w[moved], phi[todo]]))
+            for i, v in zip(todo, z[n:]):
+                self.unshifted[keys[i]] = v
+            zero = np.stack([self.unshifted[k] for k in keys])
+            while len(self.unshifted) > UNSHIFTED_CACHE_BYTES // xm[0].nbytes:
+                self.unshifted.popitem(last=False)
+            out[moved] = np.clip(xm + z[:n] - zero, -1.0, 1.0)
         return out
-
-
-def features_from_args(args, size):
-    if args["features"] == "imagenet":
-        return imagenet_features(size, imagenet_weights(args.get("vgg_weights", "")))
-    return store_features(args["features"])
 
 
 def from_run(run_dir, mode=None, store=None):

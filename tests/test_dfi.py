@@ -58,6 +58,38 @@ def test_tv_gradient_matches_finite_differences(beta):
     assert float(np.sum(total_variation(tf.constant(flat), beta))) < 1e-5 * 25   # a flat image has (almost) none
 
 
+def test_lbfgs_solves_each_row_alone_within_the_box():
+    """Box-constrained quadratics 1/2 (x - c)^T A_r (x - c), optima partly on the bounds: every row reaches scipy's
+    L-BFGS-B optimum, a row started at its optimum stays there untouched, and each row's iterates are those it
+    has alone (its own history and steps)."""
+    from scipy.optimize import Bounds, minimize as scipy_minimize
+    from models import lbfgs
+    rng = np.random.default_rng(3)
+    b, n = 4, 12
+    q = np.linalg.qr(rng.normal(size=(b, n, n)))[0]
+    A = np.einsum("bij,bj,bkj->bik", q, np.geomspace(1, 50, n)[None].repeat(b, 0), q)
+    c = rng.uniform(-1.6, 1.6, (b, n))
+    c[0] = np.clip(c[0], -0.9, 0.9)                          # row 0 starts at its (interior) optimum
+    x0 = np.where(np.arange(b)[:, None] == 0, c, rng.uniform(-1, 1, (b, n))).astype(np.float32)
+
+    def fun(x, rows):
+        r = np.asarray(x, np.float64) - c[rows]
+        grad = np.einsum("bij,bj->bi", A[rows], r)
+        return 0.5 * np.einsum("bi,bi->b", r, grad), grad.astype(np.float32)
+
+    x, info = lbfgs.minimize(fun, x0, -1.0, 1.0, 200, gtol=1e-6)
+    for i in range(1, b):
+        want = scipy_minimize(lambda v: (lambda f, g: (float(f[0]), g[0].astype(np.float64)))(*fun(v[None], [i])),
+                              x0[i].astype(np.float64), jac=True, method="L-BFGS-B", bounds=Bounds(-1, 1),
+                              options=dict(ftol=0, gtol=1e-10, maxiter=1000)).x
+        np.testing.assert_allclose(x[i], want, atol=1e-4)
+        assert np.any(np.abs(want) == 1)                      # bounds are active
+        alone, _ = lbfgs.minimize(lambda z, rows: fun(z, np.full(len(rows), i)), x0[i:i + 1], -1.0, 1.0, 200, gtol=1e-6)
+        np.testing.assert_array_equal(alone[0], x[i])
+    np.testing.assert_array_equal(x[0], x0[0])
+    assert info["iterations"][0] == 0 and info["iterations"][1:].min() > 0 and info["evaluations"][0] == 1
+
+
 def discs(ages, size=32):
     """Bright discs of radius 4 + 8 age on a dark background, with a little texture."""
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
@@ -161,6 +193,40 @@ def test_residual_mode_returns_the_input_where_nothing_changes(toy):
         method.manipulate(x, {"age": ages}, {"age": ages + 0.1})
 
 
+def test_a_slice_is_reconstructed_alike_alone_and_in_a_batch(toy):
+    """Each slice is its own optimisation: in a batch of 16 where half the slices are already optimal (their
+    target is their own features) and stop at once, a moving slice gets what it gets alone, and the others x."""
+    from models.dfi import Reconstructor
+    _, net, _ = toy
+    ages = np.linspace(0.1, 0.6, 16)
+    x = discs(ages)
+    rec = Reconstructor(net, iterations=25)
+    target = np.where((np.arange(16) % 2 == 0)[:, None], rec.features(discs(ages + 0.3)), rec.features(x))
+    batch = rec(x, target)
+    np.testing.assert_array_equal(batch[1::2], x[1::2])
+    for i in (0, 6):
+        alone = rec(x[i:i + 1], target[i:i + 1])
+        assert np.abs(alone - x[i]).max() > 0.1                 # it moves
+        np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
+
+
+def test_residual_adds_the_change_between_the_two_reconstructions(toy):
+    """residual = clip(x + z*(alpha) - z*(0)), with a TV prior so that z*(0) is not x: each reconstruction as the
+    decode mode and the Reconstructor give it for the slice alone."""
+    from models import dfi
+    store, net, cache = toy
+    x, ages = discs([0.3, 0.5]), np.array([0.3, 0.5])
+    src, tgt = {"age": ages, "slice": [0, 0]}, {"age": ages + 0.3}
+    settings = dict(k=20, alpha=2.0, tv_weight=1e-3, iterations=20)
+    decode = dfi.DFI(store.schema, net, cache, mode="decode", **settings)
+    z_alpha = decode.manipulate(x, src, tgt)
+    z_zero = np.concatenate([decode.reconstruct(x[i:i + 1], decode.reconstruct.features(x[i:i + 1])) for i in range(2)])
+    assert np.abs(z_zero - x).max() > 0.05                      # the prior moves the slice
+    residual = dfi.DFI(store.schema, net, cache, mode="residual", **settings)
+    residual.reconstruct = decode.reconstruct                   # its compiled objective: one trace
+    np.testing.assert_allclose(residual.manipulate(x, src, tgt), np.clip(x + z_alpha - z_zero, -1, 1), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def features_run(store_path, tmp_path_factory):
     """A small (non-tiny: DFI needs three pooling levels) train_oracle.py run on the tiny store."""
@@ -201,14 +267,18 @@ def test_run_directory_loads_through_evaluate(store_path, features_run, tmp_path
         check_independent(out, features_run)
     with pytest.raises(SystemExit, match="VGG19 weights not found"):
         train_dfi.main(["--store", store_path, "--features", "imagenet", "--vgg-weights", str(tmp_path / "no.h5"),
-                        "--out", str(tmp_path / "dfi_imagenet")])
+                        "--k", "5", "--out", str(tmp_path / "dfi_imagenet")])
+    with pytest.raises(SystemExit, match="fewer than k = 1000.*lower --k"):     # checked before anything is written
+        train_dfi.main(["--store", store_path, "--features", features_run, "--k", "1000", "--out", str(tmp_path / "k")])
+    assert not os.path.exists(tmp_path / "k")
     with pytest.raises(SystemExit, match="not in the store"):
         train_dfi.main(["--store", store_path, "--attrs", "age,nosuch", "--features", features_run,
                         "--out", str(tmp_path / "bad")])
 
 
 def test_imagenet_features_have_the_three_vgg19_levels():
-    from models.dfi import flat_features, imagenet_features
+    from models.dfi import flat_features
+    from models.feature_networks import imagenet_features
     net = imagenet_features(32, None)                 # random weights: tests only
     shapes = [tuple(o.shape[1:]) for o in net.outputs]
     assert shapes == [(8, 8, 256), (4, 4, 512), (2, 2, 512)]
