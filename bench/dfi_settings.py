@@ -42,7 +42,7 @@ def main(argv=None):
     mid = val[np.abs(store.slice[val] - np.median(store.slice[val])) <= 4]
     idx = np.sort(rng.choice(mid, args.n, replace=False))
     x = store.images(idx)[..., None].astype(np.float32)
-    src = dict(store.raw(idx), index=idx)
+    src = dict(store.raw(idx), slice=store.slice[idx])
     sign = np.where(np.arange(args.n) % 2 == 0, 10.0, -10.0)
     tgt = dict(src, age=src["age"] + sign)
     truth = synthetic.counterfactual(store, idx, age=tgt["age"])["images"][..., None]
@@ -52,7 +52,7 @@ def main(argv=None):
 
     meandiff = baselines.MeanDiff.fit(store, attrs=config["attrs"])
     print(f"{args.n} val slices, age +-10: identity GT MSE {gt(x):.5f}, meandiff {gt(meandiff.manipulate(x, src, tgt)):.5f}")
-    method = dfi.from_run(args.run, store=store)
+    method = dfi.from_run(args.run)
     if args.iterations:
         method.reconstruct.iterations = args.iterations
     phi = method.reconstruct.features(x)

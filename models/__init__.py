@@ -3,15 +3,16 @@
     manipulate(images, source_attrs, target_attrs) -> images
 
 with images (N, S, S, 1) float32 in [-1, 1] and attributes as dicts of raw values {name: (N,) array}
-(years, points, 0/1, class indices), the store's convention. Each method encodes them with its own schema and
-ignores keys it does not know (the evaluator also passes "index", the slices' store indices, which the `truth`
-baseline needs and `meandiff` uses to pick its slice position's model).
+(years, points, 0/1, class indices), the store's convention, plus "slice", the slices' axial positions (what
+meandiff and DFI pick their per-position models and neighbours by). Each method encodes the attributes with its
+own schema and ignores keys it does not know. That is all a method learns of a slice: the evaluator passes no
+store index and no store, so nothing leads back to the slice's true counterfactual; `truth` is the evaluator's
+own reference (models/baselines.py), not a method.
 
 `load_method(spec, store)` turns an evaluate.py `--methods` item into such an object: a baseline name, or a run
 directory whose config.json names its method, optionally followed by `@MODE` for a method with several ways
-to manipulate (e.g. `runs/fader/default@residual`). A method whose `from_run` takes `store` receives the
-evaluated store (DFI reads each slice's position and subject from it through "index"). Its "slice" entry, when
-given instead, is the slices' axial position (simulate.py's volumes, which have no store index).
+to manipulate (e.g. `runs/fader/default@residual`). `store` serves the baselines only (meandiff is fitted on
+its train split through a `SplitView`; truth renders from it); a run is loaded from its directory alone.
 
 A method that makes only some changes also answers
 
@@ -98,7 +99,4 @@ def load_method(spec, store, attrs=None):
     accepts = inspect.signature(module.from_run).parameters
     if mode and "mode" not in accepts:
         raise ValueError(f"{spec}: a {method} run has no manipulation modes; give the run directory alone")
-    kwargs = {"mode": mode} if mode else {}
-    if "store" in accepts:
-        kwargs["store"] = store
-    return module.from_run(run_dir, **kwargs)
+    return module.from_run(run_dir, **({"mode": mode} if mode else {}))

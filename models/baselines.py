@@ -2,9 +2,11 @@
 
 - identity: changes nothing; its scores are the "no change" floor of effectiveness and the ceiling of identity.
 - meandiff: a voxel-wise linear model of intensity on the attributes, fitted per slice position on the train
-  split; it adds the predicted difference f(target) - f(source), i.e. the population-average effect of the
-  change, the same for every subject (what a method must beat to claim subject-specific changes).
-- truth: the exact counterfactual of the synthetic phantom, rendered at the target attributes.
+  split (through a `SplitView`, which reads no other split); it adds the predicted difference
+  f(target) - f(source), i.e. the population-average effect of the change, the same for every subject (what
+  a method must beat to claim subject-specific changes).
+- truth: the exact counterfactual of the synthetic phantom, rendered at the target attributes. It is the
+  evaluator's own reference, computed from the slices' store indices (`render`), which no method receives.
 """
 import numpy as np
 
@@ -30,9 +32,9 @@ def make(name, store, attrs=None):
     raise ValueError(f"unknown baseline {name!r}; choose one of {NAMES}")
 
 
-def _index(source_attrs, target_attrs):
-    idx = target_attrs.get("index", source_attrs.get("index"))
-    return None if idx is None else np.asarray(idx, np.int64)
+def _entry(key, source_attrs, target_attrs):
+    v = target_attrs.get(key, source_attrs.get(key))
+    return None if v is None else np.asarray(v, np.int64)
 
 
 class Identity:
@@ -53,36 +55,37 @@ def design(schema, raw):
 
 class MeanDiff:
     """y(pixel) = b0 + x . b per slice position (least squares with intercept, a tiny ridge on b so a class
-    absent at some position gets b = 0). `coef[p]` holds b (d, S*S) of position p; `coef_all` is one model
-    over every position, used when the slices' store indices are not given. Additive, so its reconstruction,
-    composition and (up to clipping) reversibility are exact by construction.
+    absent at some position gets b = 0). `coef[p]` holds b (d, S*S) of position p, picked by the attributes'
+    "slice" entry (the slices' axial positions); `coef_all` is one model over every position, used when no
+    positions are given (and by `pooled`). Additive, so its reconstruction, composition and (up to clipping)
+    reversibility are exact by construction.
 
     Fit it on the attributes the evaluation changes: with the clinical scores in the model too, the diagnosis
     coefficient becomes a partial effect given scores that disease itself drives, not the population effect
     of the diagnosis (the protocol changes the diagnosis and keeps the scores at the source's values)."""
     by_construction = UNCHANGED_METRICS + ("reversibility_l1",)
 
-    def __init__(self, schema, size, position, coef, coef_all):
-        self.schema, self.size, self.position = schema, size, position
+    def __init__(self, schema, size, coef, coef_all):
+        self.schema, self.size = schema, size
         self.coef, self.coef_all = coef, coef_all
 
     @classmethod
     def fit(cls, store, split="train", chunk=256, ridge=1e-3, attrs=None):
-        """Streams the split in chunks of slices, accumulating X^T X and X^T Y per position (normal
-        equations), so memory stays O(positions * d * S^2) whatever the store's size. `attrs`: the
-        regressors (default: every store attribute)."""
+        """Fitted on `store.view(split)` alone: streams its slices in chunks, accumulating X^T X and X^T Y
+        per position (normal equations), so memory stays O(positions * d * S^2) whatever the store's size.
+        `attrs`: the regressors (default: every store attribute)."""
         schema = store.schema.select(list(attrs)) if attrs else store.schema
-        idx = store.indices(split)
+        data = store.view(split)
         positions = int(store.slice.max()) + 1
-        d = design(schema, store.raw(idx[:1])).shape[1] + 1
+        d = design(schema, data.raw([0])).shape[1] + 1
         xtx = np.zeros((positions, d, d))
-        xty = np.zeros((positions, d, store.size ** 2))
-        for start in range(0, len(idx), chunk):
-            part = idx[start:start + chunk]
-            x = np.concatenate([np.ones((len(part), 1)), design(schema, store.raw(part))], axis=1)
-            y = store.images(part).reshape(len(part), -1).astype(np.float64)
-            for p in np.unique(store.slice[part]):
-                m = store.slice[part] == p
+        xty = np.zeros((positions, d, data.size ** 2))
+        for start in range(0, len(data), chunk):
+            part = np.arange(start, min(start + chunk, len(data)))
+            x = np.concatenate([np.ones((len(part), 1)), design(schema, data.raw(part))], axis=1)
+            y = data.images(part).reshape(len(part), -1).astype(np.float64)
+            for p in np.unique(data.slice[part]):
+                m = data.slice[part] == p
                 xtx[p] += x[m].T @ x[m]
                 xty[p] += x[m].T @ y[m]
         penalty = np.diag([0.0] + [ridge] * (d - 1))
@@ -92,18 +95,23 @@ class MeanDiff:
 
         coef_all = solve(xtx.sum(0), xty.sum(0))
         coef = np.stack([solve(xtx[p], xty[p]) if xtx[p, 0, 0] > 0 else coef_all for p in range(positions)])
-        return cls(schema, store.size, store.slice, coef, coef_all)
+        return cls(schema, data.size, coef, coef_all)
+
+    def pooled(self):
+        """A copy that uses its one model over all positions whatever positions it is given (slices cut with
+        another geometry than the store's)."""
+        return MeanDiff(self.schema, self.size, None, self.coef_all)
 
     def difference(self, source_attrs, target_attrs):
         """f(target) - f(source), (N, S, S); attributes missing from the target keep the source's value."""
         names = self.schema.names
         dx = (design(self.schema, {n: target_attrs.get(n, source_attrs[n]) for n in names})
               - design(self.schema, {n: source_attrs[n] for n in names})).astype(np.float32)
-        idx = _index(source_attrs, target_attrs)
-        if idx is None:
+        position = _entry("slice", source_attrs, target_attrs)
+        if position is None or self.coef is None:
             delta = dx @ self.coef_all
         else:
-            delta = np.einsum("nd,ndp->np", dx, self.coef[self.position[idx]])
+            delta = np.einsum("nd,ndp->np", dx, self.coef[position])
         return delta.reshape(-1, self.size, self.size)
 
     def manipulate(self, images, source_attrs, target_attrs):
@@ -113,8 +121,10 @@ class MeanDiff:
 
 
 class Truth:
-    """The synthetic phantom re-rendered at the target age and diagnosis (mri.synthetic.counterfactual);
-    needs the slices' store indices ("index") and a store built with `data_prep.py --synthetic`."""
+    """The synthetic phantom re-rendered at the target age and diagnosis (mri.synthetic.counterfactual), from
+    the slices' store indices and a store built with `data_prep.py --synthetic`. The evaluator calls `render`
+    with the indices of the slices it samples; `manipulate` reads them from the attributes' "index" entry,
+    which simulate.py passes for a stored subject (no method receives it from the evaluator)."""
     by_construction = GROUND_TRUTH_METRICS + UNCHANGED_METRICS
 
     def __init__(self, store):
@@ -124,10 +134,14 @@ class Truth:
                              "`python data_prep.py --synthetic 200 --out data/synthetic.h5`")
         self.store = store
 
-    def manipulate(self, images, source_attrs, target_attrs):
+    def render(self, idx, target_attrs):
+        """(N, S, S, 1) true counterfactuals of the store's slices idx at the target age and diagnosis."""
         from mri import synthetic
-        idx = _index(source_attrs, target_attrs)
-        if idx is None:
-            raise ValueError("truth needs the slices' store indices: pass attrs['index']")
         out = synthetic.counterfactual(self.store, idx, age=target_attrs.get("age"), dx=target_attrs.get("dx"))
         return np.asarray(out["images"], np.float32)[..., None]
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        idx = _entry("index", source_attrs, target_attrs)
+        if idx is None:
+            raise ValueError("truth needs the slices' store indices: pass attrs['index']")
+        return self.render(idx, target_attrs)

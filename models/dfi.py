@@ -152,11 +152,11 @@ class Reconstructor:
 class DFI:
     """fit (cache the train features and the neighbour index) + manipulate, as models/baselines.py's MeanDiff."""
 
-    def __init__(self, schema, net, cache, k=100, alpha=1.0, window=1, mode="decode", store=None,
+    def __init__(self, schema, net, cache, k=100, alpha=1.0, window=1, mode="decode",
                  tv_weight=0.0, tv_beta=2.0, iterations=150):
         if mode not in MODES:
             raise ValueError(f"unknown DFI mode {mode!r}; choose one of {MODES}")
-        self.schema, self.cache, self.k, self.alpha, self.mode, self.store = schema, cache, k, alpha, mode, store
+        self.schema, self.cache, self.k, self.alpha, self.mode = schema, cache, k, alpha, mode
         self.neighbours = Neighbours(cache["codes"][:], cache["position"][:],
                                      cache["subject"][:].astype(str), window)
         self.reconstruct = Reconstructor(net, tv_weight, tv_beta, iterations)
@@ -183,14 +183,11 @@ class DFI:
         return path
 
     def _where(self, attrs):
-        """Slice positions and subjects of the queried slices (store indices, or a "slice" entry)."""
-        n = len(next(iter(attrs.values())))
-        if "index" in attrs and self.store is not None:
-            idx = np.asarray(attrs["index"], np.int64)
-            return self.store.slice[idx], self.store.subject[idx].astype(str)
-        if "slice" in attrs:
-            return np.asarray(attrs["slice"]), np.full(n, "")
-        raise ValueError("DFI needs each slice's position: pass attrs['index'] with the store, or attrs['slice']")
+        """Slice positions of the queried slices (their "slice" entry), and no subject to exclude: a queried
+        slice's subject is not known to a method (the evaluator's test subjects are not in the train pool)."""
+        if "slice" not in attrs:
+            raise ValueError("DFI needs each slice's axial position: pass attrs['slice']")
+        return np.asarray(attrs["slice"]), np.full(len(attrs["slice"]), "")
 
     def shift(self, source_attrs, target_attrs):
         """w (N, F): mean phi of the k target neighbours - mean phi of the k source neighbours."""
@@ -239,8 +236,8 @@ class DFI:
         return out
 
 
-def from_run(run_dir, mode=None, store=None):
-    """The DFI of a train_dfi.py run; `store`: the store whose indices manipulate receives (evaluate.py's)."""
+def from_run(run_dir, mode=None):
+    """The DFI of a train_dfi.py run."""
     config = read_json(os.path.join(run_dir, "config.json"))
     a = config["args"]
     path = os.path.join(run_dir, FEATURES_FILE)
@@ -248,7 +245,7 @@ def from_run(run_dir, mode=None, store=None):
         raise FileNotFoundError(f"{path} is missing: rerun train_dfi.py with --out {run_dir}")
     schema = Schema.from_json(json.dumps(config["schema"]))
     method = DFI(schema, features_from_args(a, a["size"]), h5py.File(path, "r"), a["k"], a["alpha"], a["window"],
-               mode or a["mode"], store, a["tv_weight"], a["tv_beta"], a["iterations"])
+               mode or a["mode"], a["tv_weight"], a["tv_beta"], a["iterations"])
     if method.mode == "residual":   # a zero shift returns the input
         method.by_construction = ("reconstruction_mse", "composition_l1")
     return method

@@ -20,6 +20,10 @@ method's manipulated images are then scored per pair (`_score`):
 - ground truth (synthetic stores): MSE and SSIM against the true counterfactual (whole image and brain), and
   the signed (bias) and absolute error of the measured ventricle and hippocampus area change (GroundTruth).
 
+A method is told the source images, the source and target attributes and the slices' axial positions
+(`told`), never their store indices: nothing leads it to the true counterfactual, which the evaluator renders
+itself (GroundTruth, and the `truth` row: `is_reference`).
+
 Every number gets a 95 % interval from a bootstrap over test *subjects* (`stats.SubjectBootstrap`), and every
 method a paired difference to `meandiff` (when evaluated) and to `identity` (the no-change floor) on each
 metric, with its interval; the verdict "better" / "worse" is given only when that interval excludes 0.
@@ -298,14 +302,34 @@ def supported(method, source, target, n):
     return np.ones(n, bool) if supports is None else np.asarray(supports(source, target), bool).reshape(n)
 
 
-def manipulated(method, x, source, target, ok):
-    """The method's images (shaped like x) for the pairs `ok`, on which alone it is called; x elsewhere."""
+def told(store, idx, raw):
+    """All a method is told of the store's slices idx besides their images: their attributes `raw` and axial
+    positions ("slice"), never their store indices (models/__init__.py)."""
+    return dict(raw, slice=store.slice[idx])
+
+
+def is_reference(method):
+    """Whether `method` is the evaluator's own reference, the true counterfactual (`baselines.Truth`), which it
+    renders from the slices' store indices; every other method goes through `manipulate` alone."""
+    from models.baselines import Truth
+    return isinstance(method, Truth)
+
+
+def _apply(method, x, source, target, idx):
+    y = method.render(idx, target) if is_reference(method) else method.manipulate(x, source, target)
+    return np.asarray(y, np.float32).reshape(x.shape)
+
+
+def manipulated(method, x, source, target, ok, idx):
+    """The method's images (shaped like x) for the pairs `ok`, on which alone it is called; x elsewhere.
+    source and target are what the method is told (`told`); idx, the slices' store indices, serve the
+    evaluator's own reference only (`is_reference`)."""
     if ok.all():
-        return np.asarray(method.manipulate(x, source, target), np.float32).reshape(x.shape)
+        return _apply(method, x, source, target, idx)
     y = x.copy()
     if ok.any():
         pick = lambda raw: {k: np.asarray(v)[ok] for k, v in raw.items()}
-        y[ok] = np.asarray(method.manipulate(x[ok], pick(source), pick(target)), np.float32).reshape(y[ok].shape)
+        y[ok] = _apply(method, x[ok], pick(source), pick(target), idx[ok])
     return y
 
 
@@ -319,7 +343,7 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
     for i in range(0, len(src), batch_size):
         idx, t = src[i:i + batch_size], tgt[i:i + batch_size]
         x = store.images(idx)[..., None]
-        s_raw = dict(store.raw(idx), index=idx)
+        s_raw = told(store, idx, store.raw(idx))
         t_raw = dict(s_raw, **{change.name: t})
         truth = (*gt.target(idx, t_raw), idx, gt) if gt else None
 
@@ -333,9 +357,9 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
         outputs = {FLOOR: (x, x, f_src, oracle_src, every, every)}
         for m, method in methods.items():
             ok = supported(method, s_raw, t_raw, len(idx))
-            y = manipulated(method, x, s_raw, t_raw, ok)
+            y = manipulated(method, x, s_raw, t_raw, ok, idx)
             back_ok = ok & supported(method, t_raw, s_raw, len(idx))
-            back = manipulated(method, y, t_raw, s_raw, back_ok)
+            back = manipulated(method, y, t_raw, s_raw, back_ok, idx)
             outputs[m] = (y, back, *judge(y), ok, back_ok)
         for m, (y, back, f, oracle_out, ok, back_ok) in outputs.items():
             scores = _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth)
@@ -355,10 +379,10 @@ def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
     for i in range(0, len(sample), batch_size):
         idx = sample[i:i + batch_size]
         x = store.images(idx)[..., None]
-        raw = dict(store.raw(idx), index=idx)
+        raw = told(store, idx, store.raw(idx))
         y = x
         for k in range(repeats):
-            y = np.asarray(method.manipulate(y, raw, raw), np.float32).reshape(x.shape)
+            y = _apply(method, y, raw, raw, idx)
             if k == 0:
                 recon.append(mse(y, x))
         drift.append(l1(y, x))
@@ -529,9 +553,9 @@ def trajectory_slices(store, k, seed):
     return np.array(out)
 
 
-def _sweep(method, x, raw, changes):
+def _sweep(method, x, raw, changes, idx):
     """Columns (each (k, S, S) images, None = a gap between attributes, NaN = a change the method does not
-    make) of every attribute's sweep."""
+    make) of every attribute's sweep of the store's slices idx (images x, told `raw`)."""
     cols = []
     for c in changes:
         if cols:
@@ -539,7 +563,7 @@ def _sweep(method, x, raw, changes):
         for v in c.sweep:
             target = dict(raw, **{c.name: np.full(len(x), v, np.float64)})
             ok = supported(method, raw, target, len(x))
-            cols.append(np.where(ok[:, None, None], manipulated(method, x, raw, target, ok)[..., 0], np.nan))
+            cols.append(np.where(ok[:, None, None], manipulated(method, x, raw, target, ok, idx)[..., 0], np.nan))
     return cols
 
 
@@ -565,9 +589,9 @@ def draw_trajectories(store, methods, changes, out_dir, seed=0, n_subjects=4, tr
     idx = trajectory_slices(store, n_subjects, seed)
     k = len(idx)
     x = store.images(idx)[..., None]
-    raw = dict(store.raw(idx), index=idx)
-    sweeps = {m: _sweep(method, x, raw, changes) for m, method in methods.items()}
-    true = sweeps.get("truth") or (_sweep(truth, x, raw, changes) if truth else None)
+    raw = told(store, idx, store.raw(idx))
+    sweeps = {m: _sweep(method, x, raw, changes, idx) for m, method in methods.items()}
+    true = sweeps.get("truth") or (_sweep(truth, x, raw, changes, idx) if truth else None)
     columns = "source | " + " | ".join(
         f"{c.name} " + ", ".join(store.schema[c.name].label(v) for v in c.sweep) for c in changes)
     scale = f"difference maps: red brighter, blue darker than the source, saturating at +-{DIFF_SCALE}"

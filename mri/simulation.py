@@ -9,7 +9,6 @@ all of which `prepare` gathers into a `Simulation`; the method over the slab in 
 `manipulate_slab`); brain tissue and CSF measures (`brain_mask`, `tissue_levels`, `measures`, `changes`); the
 files (`write_nifti`, `picture`, `write_csv`, `write_outputs`).
 """
-import copy
 import csv
 import gzip
 import json
@@ -268,36 +267,31 @@ def prepare(spec, store, source="", age="", dx="", target=(), input_path=None, s
 
 # --- the method on the slab ---------------------------------------------------------------------------------
 def positional(method, slices, same_geometry):
-    """meandiff picks its per-slice-position model by the slices' store index. A slab cut with its store's
-    geometry has position k at slab slice k, so a copy whose position table is the identity takes the slab's
-    slice numbers as indices; with another geometry it falls back to its one model over all positions."""
+    """meandiff picks its per-position model by the slices' axial positions ("slice"). A slab cut with its
+    store's geometry has position k at slab slice k; with another geometry meandiff falls back to its one
+    model over all positions (`MeanDiff.pooled`)."""
     from models.baselines import MeanDiff
-    if not isinstance(method, MeanDiff):
-        return method, None
-    if same_geometry and len(method.coef) == slices:
-        m = copy.copy(method)
-        m.position = np.arange(slices)
-        return m, np.arange(slices)
+    if not isinstance(method, MeanDiff) or (same_geometry and len(method.coef) == slices):
+        return method
     print("warning: meandiff's per-position models do not apply to this geometry; using its model over all "
           "positions", file=sys.stderr)
-    return method, None
+    return method.pooled()
 
 
 def run(sim, method, store, batch_size):
     """{target name: manipulated slab} of `sim`'s targets; a scan file's slab gets meandiff's per-position
     models when it was cut with `store`'s geometry (`positional`)."""
-    index = sim.index
-    if index is None:
-        slices = len(sim.slab)
-        same = store is not None and store_geometry(store) == (slices, sim.spacing)
-        method, index = positional(method, slices, same)
-    return manipulate_slab(method, sim.slab, sim.source, sim.targets, index, batch_size)
+    if sim.index is None:
+        same = store is not None and store_geometry(store) == (len(sim.slab), sim.spacing)
+        method = positional(method, len(sim.slab), same)
+    return manipulate_slab(method, sim.slab, sim.source, sim.targets, sim.index, batch_size)
 
 
 def manipulate_slab(method, slab, source, targets, index, batch_size):
     """{target name: manipulated slab (slices, S, S)} for each target, batched, with a progress bar. Besides
     the attributes, every call gets "slice", the slab's axial positions (0 = most inferior, as the store's
-    `slice`; methods that need positions read it), and "index", store indices, when there are any.
+    `slice`; methods that need positions read it), and "index", store indices, for a stored subject (what
+    `truth` re-renders it from).
     A target the method does not make (its `supports`, e.g. CycleGAN outside its domains) is refused before any
     slice is computed.
 

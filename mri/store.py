@@ -164,6 +164,10 @@ class SliceStore:
         schema = schema or self.schema
         return schema.encode(self.raw(idx, schema.names))
 
+    def view(self, split):
+        """A `SplitView` of one split: what a method may be fitted on."""
+        return SplitView(self, split)
+
     def csv(self, column, idx=None):
         """An extra CSV column kept at build time (e.g. the synthetic cohort's ground-truth keys)."""
         if f"csv/{column}" not in self.file:
@@ -173,6 +177,37 @@ class SliceStore:
 
     def plan(self, volume):
         return json.loads(self.file["volumes/plan"][volume])
+
+
+class SplitView:
+    """One split of a store and nothing else: its slices' images, raw attributes and axial positions
+    (`slice`), addressed by row 0..len-1 within the split. It keeps no file, path, plan or CSV column, so
+    whatever is fitted through it can read no other split and cannot re-render a synthetic counterfactual."""
+
+    def __init__(self, store, split):
+        rows = store.indices(split)
+        self.split, self.schema, self.size = split, store.schema, store.size
+        self.slice = store.slice[rows]
+        self._attrs = {n: v[rows] for n, v in store.attrs.items()}
+        self._read = lambda r: store.images(rows[r])
+
+    def __len__(self):
+        return len(self.slice)
+
+    def _rows(self, r):
+        r = np.asarray(r, np.int64)
+        if r.size and (r.min() < 0 or r.max() >= len(self)):
+            raise IndexError(f"rows of the {self.split} split run from 0 to {len(self) - 1}")
+        return r
+
+    def images(self, r):
+        """float32 (n, S, S) of split rows r."""
+        return self._read(self._rows(r))
+
+    def raw(self, r, names=None):
+        """dict name -> raw attribute values at split rows r."""
+        r = self._rows(r)
+        return {n: self._attrs[n][r] for n in names or self.schema.names}
 
 
 def make_schema(kinds_classes, train_values):

@@ -254,7 +254,7 @@ def test_run_directory_loads_through_evaluate(store_path, features_run, tmp_path
         assert f["features"].shape[0] == len(store.indices("train")) == len(f["codes"])
     idx = store.indices("test")[:3]
     x = store.images(idx)[..., None]
-    src = dict(store.raw(idx), index=idx)
+    src = dict(store.raw(idx), slice=store.slice[idx])
     tgt = dict(src, age=src["age"] + 10)
     for spec in (out, out + "@residual"):
         method = load_method(spec, store)

@@ -147,13 +147,74 @@ def test_meandiff_fits_the_planted_change(tmp_path, fake_truth):
         chunked = baselines.MeanDiff.fit(store, chunk=7)
         np.testing.assert_allclose(chunked.coef, full.coef, atol=1e-4)
         idx = store.indices("test")
-        src = dict(store.raw(idx), index=idx)
+        src = evaluation.told(store, idx, store.raw(idx))
         tgt = dict(src, age=src["age"] + 10)
         pred = full.difference(src, tgt)
         true = fake_counterfactual(store, idx, age=tgt["age"])["images"] - store.images(idx)
         assert np.corrcoef(pred.ravel(), true.ravel())[0, 1] > 0.3
-        no_index = full.difference({k: v for k, v in src.items() if k != "index"}, {"age": tgt["age"]})
-        assert no_index.shape == pred.shape and np.corrcoef(no_index.ravel(), true.ravel())[0, 1] > 0.2
+        no_position = full.difference({k: v for k, v in src.items() if k != "slice"}, {"age": tgt["age"]})
+        assert no_position.shape == pred.shape and np.corrcoef(no_position.ravel(), true.ravel())[0, 1] > 0.2
+        np.testing.assert_array_equal(full.pooled().difference(src, tgt), no_position)
+
+
+def test_meandiff_sees_only_the_train_split(tmp_path, monkeypatch):
+    """meandiff is fitted through a view of the train split: it reads train images alone, and the view has
+    no file, path, plan or CSV column, so no other split and no counterfactual can be reached through it."""
+    with SliceStore(write_planted_store(str(tmp_path / "s.h5"))) as store:
+        train, view = store.indices("train"), store.view("train")
+        rows = np.arange(len(view))
+        np.testing.assert_array_equal(view.images(rows), store.images(train))
+        np.testing.assert_array_equal(view.slice, store.slice[train])
+        assert all(np.array_equal(view.raw(rows)[n], store.raw(train)[n]) for n in store.schema.names)
+        with pytest.raises(IndexError, match="rows of the train split run from 0"):
+            view.images([len(view)])
+        assert not any(hasattr(view, name) for name in ("file", "path", "plan", "csv", "indices"))
+        with pytest.raises(AttributeError):
+            REAL_COUNTERFACTUAL(view, [0])
+        read, images = [], store.images
+        monkeypatch.setattr(store, "images", lambda idx: read.append(np.asarray(idx)) or images(idx))
+        baselines.MeanDiff.fit(store)
+        assert read and np.isin(np.concatenate(read), train).all()
+
+
+class Peeker:
+    """A method that reaches for the truth: store indices among its attributes, the store from load_method."""
+
+    def __init__(self, store=None):
+        self.store, self.seen = store, []
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        self.seen += [set(source_attrs), set(target_attrs)]
+        idx = source_attrs.get("index")
+        if idx is None or self.store is None:
+            return images
+        from mri import synthetic
+        return synthetic.counterfactual(self.store, idx, age=target_attrs["age"], dx=target_attrs["dx"])["images"]
+
+
+def test_no_method_can_peek_at_the_truth(planted, tmp_path, monkeypatch):
+    """A run whose from_run asks for the store gets none, and every call (the protocol, the unchanged
+    attributes, the trajectories) tells it the images, the attributes and the slice positions only: it cannot
+    render the truth, so its ground-truth error is the no-change floor's."""
+    import types
+    import models
+    from models.oracle import load_oracle
+    store_path, oracle_dir, _ = planted
+    module = types.ModuleType("peeking_method")
+    module.from_run = lambda run_dir, store=None: Peeker(store)
+    monkeypatch.setitem(sys.modules, "peeking_method", module)
+    monkeypatch.setitem(models.RUN_METHODS, "peek", "peeking_method")
+    write_json(tmp_path / "peek" / "config.json", {"method": "peek"})
+    with SliceStore(store_path) as store:
+        peek = load_method(str(tmp_path / "peek"), store)
+        m = evaluation.evaluate(store, load_oracle(oracle_dir), {"peek": peek}, n=12, seed=3, batch_size=16,
+                                n_boot=100, log=lambda *a: None)
+        changes = [evaluation.change_for(store.schema[a]) for a in ("age", "dx")]
+        evaluation.draw_trajectories(store, {"peek": peek}, changes, str(tmp_path / "fig"), seed=3, n_subjects=1)
+        told = set(store.schema.names) | {"slice"}
+    assert peek.store is None and peek.seen and all(keys <= told for keys in peek.seen)
+    for attr in ("age", "dx"):
+        assert m["methods"]["peek"][attr]["gt_mse"] == m["floor"][attr]["gt_mse"] > 0
 
 
 def _numbers(tree, path=""):
@@ -501,9 +562,9 @@ def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted):
         dx = f"Pairs scored, of {m['protocol']['dx']['pairs']}: partial {m['methods']['partial']['dx']['pairs']}."
         assert dx in report
         idx = evaluation.trajectory_slices(store, 2, 3)
-        x, raw = store.images(idx)[..., None], dict(store.raw(idx), index=idx)
+        x, raw = store.images(idx)[..., None], evaluation.told(store, idx, store.raw(idx))
         changes = [evaluation.change_for(store.schema[a]) for a in ("age", "dx")]
-        cols = evaluation._sweep(partial, x, raw, changes)
+        cols = evaluation._sweep(partial, x, raw, changes, idx)
         targets = [dict(raw, **{c.name: np.full(len(idx), v, np.float64)}) for c in changes for v in c.sweep]
         for i in range(len(idx)):
             cells = evaluation._row(x, cols, i)[1:]
