@@ -200,7 +200,7 @@ def test_a_slice_is_reconstructed_alike_alone_and_in_a_batch(toy):
     _, net, _ = toy
     ages = np.linspace(0.1, 0.6, 16)
     x = discs(ages)
-    rec = Reconstructor(net, iterations=25)
+    rec = Reconstructor(net, iterations=15)
     target = np.where((np.arange(16) % 2 == 0)[:, None], rec.features(discs(ages + 0.3)), rec.features(x))
     batch = rec(x, target)
     np.testing.assert_array_equal(batch[1::2], x[1::2])
@@ -217,7 +217,7 @@ def test_residual_adds_the_change_between_the_two_reconstructions(toy):
     store, net, cache = toy
     x, ages = discs([0.3, 0.5]), np.array([0.3, 0.5])
     src, tgt = {"age": ages, "slice": [0, 0]}, {"age": ages + 0.3}
-    settings = dict(k=20, alpha=2.0, tv_weight=1e-3, iterations=20)
+    settings = dict(k=20, alpha=2.0, tv_weight=1e-3, iterations=10)
     decode = dfi.DFI(store.schema, net, cache, mode="decode", **settings)
     z_alpha = decode.manipulate(x, src, tgt)
     z_zero = np.concatenate([decode.reconstruct(x[i:i + 1], decode.reconstruct.features(x[i:i + 1])) for i in range(2)])
