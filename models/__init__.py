@@ -31,7 +31,7 @@ import os
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
 RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi",
-               "cyclegan": "models.cyclegan", "infogan": "models.infogan"}
+               "cyclegan": "models.cyclegan", "infogan": "models.infogan", "longitudinal": "models.longitudinal"}
 # config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
 # feature network): such a run must not be the evaluation oracle. training.Run stores them absolute, with the
 # content hash of the helper's weights under "helpers"; these values name no run
