@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-epoch", type=int, default=0, help="iterations per epoch (0: one pass over train)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                   help="cosine: the learning rate falls from --lr to 0 over --epochs; constant: --lr throughout")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant: --lr throughout; cosine: the learning rate falls from --lr to 0 over --epochs")
     p.add_argument("--jitter", type=float, default=0.05, help="brightness/contrast jitter amplitude (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and dropout")
     p.add_argument("--ceiling", action="store_true",
