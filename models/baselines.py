@@ -57,13 +57,13 @@ class MeanDiff:
     """y(pixel) = b0 + x . b per slice position (least squares with intercept, a tiny ridge on b so a class
     absent at some position gets b = 0). `coef[p]` holds b (d, S*S) of position p, picked by the attributes'
     "slice" entry (the slices' axial positions); `coef_all` is one model over every position, used when no
-    positions are given (and by `pooled`). Additive, so its reconstruction, composition and (up to clipping)
-    reversibility are exact by construction.
+    positions are given (and by `pooled`). Additive, so its reconstruction and composition are exact by
+    construction; its reversibility is not (the output is clipped to [-1, 1]) and is scored.
 
     Fit it on the attributes the evaluation changes: with the clinical scores in the model too, the diagnosis
     coefficient becomes a partial effect given scores that disease itself drives, not the population effect
     of the diagnosis (the protocol changes the diagnosis and keeps the scores at the source's values)."""
-    by_construction = UNCHANGED_METRICS + ("reversibility_l1",)
+    by_construction = UNCHANGED_METRICS
 
     def __init__(self, schema, size, coef, coef_all):
         self.schema, self.size = schema, size

@@ -36,6 +36,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import linalg, ndimage
@@ -45,7 +46,8 @@ from mri import grids, stats
 AGE_PROTOCOL = dict(shift=10.0, bounds=(55.0, 95.0), tolerance=5.0, sweep=tuple(range(60, 91, 5)))
 REPEATS = 5            # composition: applications of the unchanged-attribute manipulation
 DIFF_SCALE = 0.5       # difference maps saturate at this intensity change ([-1, 1] images)
-ROI_DILATION = 1       # pixels around the true structure masks: the renderer's partial-volume blur (GroundTruth)
+ROI_DILATION = 2       # pixels around the true structure masks: the reach of the renderer's blur (GroundTruth)
+MOVED = 1e-4           # a change of a true mask fraction above this is a moved boundary (GroundTruth)
 STRUCTURES = ("ventricles", "hippocampus")
 FD_MIN_RATIO = 4       # Fréchet distance only with at least this many pairs per feature dimension
 N_BOOT = 1000          # bootstrap resamples
@@ -189,30 +191,37 @@ class GroundTruth:
     """True counterfactuals (mri.synthetic.counterfactual) and structure areas measured from images.
 
     Area measure, applied alike to every method's image and to the true counterfactual (so `truth` has zero
-    error): a partial-volume estimate. Each pixel's CSF fraction is f = clip((L_s - x) / (L_s - L_csf), 0, 1),
-    with L_csf the median intensity of the sampled source slices inside their true ventricles and L_s the
-    median inside the structure's surrounding tissue class (ventricles: the brain parenchyma; hippocampus: the
-    hippocampus itself). Ventricle area = sum of f, hippocampus area = sum of 1 - f, each over a region of
-    interest: the union of the structure's true masks at the source and at the target attributes, grown by
-    ROI_DILATION pixel (the renderer's partial-volume blur reaches one pixel past a mask), the hippocampus's
-    without the ventricles' pixels; times the pixel area in mm². Measured change against true mask change on
-    rendered slices: slope 1 +- 0.1 for both structures (tests/test_evaluate.py). A method's change error is
-    area(method image) - area(true counterfactual) (the source's area, measured in the same region, cancels):
-    its mean is the bias, its mean absolute value the error. Pairs whose region is empty are left out.
+    error): a partial-volume estimate from three intensity levels of the sampled source slices, the medians
+    inside their true ventricles (L_csf), brain parenchyma (L_brain) and hippocampus (L_hip). Intensities are
+    clipped to [L_csf, L_brain]; a pixel then holds (L_brain - x) / (L_brain - L_csf) of ventricle and
+    (x - L_csf) / (L_hip - L_csf) of hippocampus (linear in intensity, so the renderer's blur, which spreads
+    a structure's change into brighter neighbours, is counted where it lands). Each area is summed over a
+    region of interest, times the pixel area in mm²: the union of the structure's true masks at the source
+    and at the target attributes, grown by ROI_DILATION pixels (the reach of the blur), without the pixels
+    where another boundary moves (the true brain mask changes there other than by the structure itself:
+    the other structure, sulci, the third ventricle), and for the hippocampus without the ventricles' union.
+    Measured change against true mask change on rendered slices: slope 1 +- 0.1 for both structures in every
+    direction the protocol changes (age -10, +10, -15, +15 years; diagnosis to each class; tests/test_evaluate.py).
+    A method's change error is area(method image) - area(true counterfactual) (the source's area, measured in
+    the same region, cancels): its mean is the bias, its mean absolute value the error. Pairs whose region is
+    empty are left out.
     """
 
     def __init__(self, store, sample, batch_size):
         self.store, self.sample = store, sample
-        masks, inside = {s: [] for s in STRUCTURES}, {"ventricles": [], "brain": [], "hippocampus": []}
+        masks, rest = {s: [] for s in STRUCTURES}, {s: [] for s in STRUCTURES}
+        inside = {"ventricles": [], "brain": [], "hippocampus": []}
         for i in range(0, len(sample), batch_size):
             idx = sample[i:i + batch_size]
             truth = self._render(idx, {})
             x = store.images(idx)
             for s in STRUCTURES:
                 masks[s].append(truth["masks"][s])
+                rest[s].append(_rest_of_brain(truth["fractions"], s))
             for s in inside:
                 inside[s].append(x[truth["fractions"][s] > 0.99])
         self.source_masks = {s: np.concatenate(masks[s]) for s in STRUCTURES}
+        self.source_rest = {s: np.concatenate(rest[s]) for s in STRUCTURES}
         levels = {}
         for s in inside:
             values = np.concatenate(inside[s])
@@ -220,8 +229,7 @@ class GroundTruth:
                 raise ValueError(f"{store.path}: no pixels fully inside the {s} in the {len(sample)} sampled test "
                                  "slices, so the area measure has no intensity level; evaluate more slices (--n)")
             levels[s] = float(np.median(values))
-        self.csf_level = levels["ventricles"]
-        self.tissue_level = {"ventricles": levels["brain"], "hippocampus": levels["hippocampus"]}
+        self.csf_level, self.brain_level, self.hippocampus_level = (levels[k] for k in ("ventricles", "brain", "hippocampus"))
         side = np.array([store.plan(v)["side_mm"] for v in range(int(store.volume.max()) + 1)])
         self.pixel_mm2 = (side / store.size) ** 2
 
@@ -239,21 +247,27 @@ class GroundTruth:
         union = {s: self.source_masks[s][rows] | truth["masks"][s] for s in STRUCTURES}
         grow = np.zeros((3, 3, 3), bool)
         grow[1] = ndimage.generate_binary_structure(2, 1)
-        roi = {s: ndimage.binary_dilation(union[s], grow, ROI_DILATION) if ROI_DILATION else union[s]
-               for s in STRUCTURES}
+        roi = {}
+        for s in STRUCTURES:
+            moved = np.abs(_rest_of_brain(truth["fractions"], s) - self.source_rest[s][rows]) > MOVED
+            roi[s] = (ndimage.binary_dilation(union[s], grow, ROI_DILATION) if ROI_DILATION else union[s]) & ~moved
         roi["hippocampus"] &= ~union["ventricles"]
         return np.asarray(truth["images"], np.float32), roi
 
     def areas(self, images, roi, idx):
         """{structure: (N,) area in mm²} measured from images inside the regions of interest."""
-        x = np.asarray(images, np.float64).reshape(roi["ventricles"].shape)
+        x = np.clip(np.asarray(images, np.float64).reshape(roi["ventricles"].shape), self.csf_level, self.brain_level)
+        share = {"ventricles": (self.brain_level - x) / (self.brain_level - self.csf_level),
+                 "hippocampus": (x - self.csf_level) / (self.hippocampus_level - self.csf_level)}
         px = self.pixel_mm2[self.store.volume[idx]]
-        out = {}
-        for s in STRUCTURES:
-            high = self.tissue_level[s]
-            csf = np.clip((high - x) / (high - self.csf_level), 0.0, 1.0)
-            out[s] = ((csf if s == "ventricles" else 1.0 - csf) * roi[s]).sum((1, 2)) * px
-        return out
+        return {s: (share[s] * roi[s]).sum((1, 2)) * px for s in STRUCTURES}
+
+
+def _rest_of_brain(fractions, structure):
+    """The true brain fraction with the structure's own part taken out (the brain mask holds the hippocampus,
+    not the ventricles): where it changes, a boundary other than the structure's moves."""
+    sign = -1.0 if structure == "hippocampus" else 1.0
+    return (fractions["brain"] + sign * fractions[structure]).astype(np.float32)
 
 
 # --- per-pair scores ---------------------------------------------------------------------------------------
@@ -333,11 +347,11 @@ def manipulated(method, x, source, target, ok, idx):
     return y
 
 
-def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
+def score_change(store, oracle, methods, change, src, tgt, gt, batch_size, progress=None):
     """Per-pair scores {method: {metric: (P,) array}}, oracle features {method: (P, F)} and the pairs each
     makes {method: (P,) bool} of the floor and every method for one attribute's pairs (src[i] -> target
     tgt[i]); a pair a method does not make (`supported`) has NaN scores, its reversibility also when the
-    method does not make the change back."""
+    method does not make the change back. `progress(method, k)`: k more slices manipulated (there and back)."""
     parts = {m: {} for m in [FLOOR, *methods]}
     feats, made = {m: [] for m in parts}, {m: [] for m in parts}
     for i in range(0, len(src), batch_size):
@@ -361,6 +375,8 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
             back_ok = ok & supported(method, t_raw, s_raw, len(idx))
             back = manipulated(method, y, t_raw, s_raw, back_ok, idx)
             outputs[m] = (y, back, *judge(y), ok, back_ok)
+            if progress:
+                progress(m, 2 * len(idx))
         for m, (y, back, f, oracle_out, ok, back_ok) in outputs.items():
             scores = _score(change, x, y, back, s_raw[change.name], t, oracle_src, oracle_out, truth)
             if not back_ok.all():
@@ -373,8 +389,9 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size):
             {m: np.concatenate(f) for m, f in feats.items()}, {m: np.concatenate(v) for m, v in made.items()})
 
 
-def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
-    """Per-slice reconstruction MSE at target = source, and L1 drift after `repeats` such manipulations."""
+def score_unchanged(store, method, sample, batch_size, repeats=REPEATS, progress=None):
+    """Per-slice reconstruction MSE at target = source, and L1 drift after `repeats` such manipulations;
+    `progress(k)`: k more slices manipulated."""
     recon, drift = [], []
     for i in range(0, len(sample), batch_size):
         idx = sample[i:i + batch_size]
@@ -386,17 +403,21 @@ def score_unchanged(store, method, sample, batch_size, repeats=REPEATS):
             if k == 0:
                 recon.append(mse(y, x))
         drift.append(l1(y, x))
+        if progress:
+            progress(repeats * len(idx))
     return {"reconstruction_mse": np.concatenate(recon), "composition_l1": np.concatenate(drift)}
 
 
 # --- summaries with intervals ---------------------------------------------------------------------------------
 def _verdict(metric, diff, ci, fixed):
-    """"better" / "worse" when the paired interval excludes 0 in the metric's direction, else "no difference
-    shown"; None for metrics without a direction or reached by construction (never ranked)."""
+    """"better" / "worse" when the paired interval excludes 0, by the side of 0 it lies on (not the sign of
+    the point estimate `diff`, which a resampled statistic such as the KID may put outside its interval) and
+    the metric's direction, else "no difference shown"; None for metrics without a direction or reached by
+    construction (never ranked)."""
     if metric not in DIRECTION or fixed or ci is None:
         return None
     if ci[0] > 0 or ci[1] < 0:
-        return "better" if np.sign(diff) == DIRECTION[metric] else "worse"
+        return "better" if (1 if ci[0] > 0 else -1) == DIRECTION[metric] else "worse"
     return "no difference shown"
 
 
@@ -484,11 +505,13 @@ def oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed):
     return split_metrics(oracle, store, "test", names, batch_size, n_boot, seed)
 
 
-def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n_boot=N_BOOT, log=print):
-    """Score {name: method} on n seeded test slices with the protocol above; returns a JSON-ready dict."""
+def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n_boot=N_BOOT, log=None):
+    """Score {name: method} on n seeded test slices with the protocol above; returns a JSON-ready dict. A
+    progress bar counts the slices the methods manipulate (each pair there and back, then REPEATS unchanged
+    manipulations of each sampled slice); `log` (default: above the bar) reports each attribute's pairs."""
+    from tqdm import tqdm
     names = list(attrs or oracle.schema.names)
     check_oracle(store, oracle, names)
-    changes = [change_for(store.schema[a]) for a in names]
     rng = np.random.default_rng(seed)
     test = store.indices("test")
     sample = np.sort(rng.choice(test, min(n, len(test)), replace=False))
@@ -501,31 +524,51 @@ def evaluate(store, oracle, methods, n=512, seed=0, batch_size=64, attrs=None, n
               "synthetic": gt is not None, "attrs": names,
               "bootstrap": {"resamples": n_boot, "level": stats.LEVEL, "unit": "subject"},
               "protocol": {}, "floor": {}, "methods": {m: {"by_construction": fixed[m]} for m in methods}}
-    for change in changes:
+    drawn = []
+    for change in (change_for(store.schema[a]) for a in names):
         src, tgt = draw_pairs(store, sample, change, rng)
-        ref = matched_reference(store, test, src, tgt, change, rng)
-        log(f"{change.name}: {len(src)} pairs, {len(methods)} methods")
-        per_pair, feats, made = score_change(store, oracle, methods, change, src, tgt,
-                                             gt if change.name in TRUTH_ATTRS else None, batch_size)
-        groups = store.subject[src]
-        ref_feats = _features(oracle, store, ref[ref >= 0], batch_size) if (ref >= 0).sum() >= 4 else None
-        kid, fd = _realism(feats, ref, ref_feats, groups, store.subject[ref[ref >= 0]], boot, made)
-        scores = summarise(per_pair, groups, boot, references, fixed, kid, made)
-        for m in scores:   # pairs: those the method makes and is scored on
-            scores[m].update(fd=fd[m], kid_pairs=int(((ref >= 0) & made[m]).sum()), pairs=int(made[m].sum()))
-            if gt and change.name in TRUTH_ATTRS:
-                scores[m].update({f"{s}_pairs": int(np.isfinite(per_pair[m][f"{s}_change_error_mm2"]).sum())
-                                  for s in STRUCTURES})
-        result["protocol"][change.name] = {"pairs": len(src), "change": describe(change, store.schema[change.name])}
-        result["floor"][change.name] = scores.pop(FLOOR)
-        for m, s in scores.items():
-            result["methods"][m][change.name] = s
-    unchanged = {m: score_unchanged(store, method, sample, batch_size) for m, method in methods.items()}
+        drawn.append((change, src, tgt, matched_reference(store, test, src, tgt, change, rng)))
+    total = len(methods) * (sum(2 * len(src) for _, src, _, _ in drawn) + REPEATS * len(sample))
+    with tqdm(total=total, desc="manipulations", unit="slice", dynamic_ncols=True) as bar:
+        def progress(step):
+            def advance(method, k):
+                bar.set_postfix_str(f"{step}: {method}", refresh=False)
+                bar.update(k)
+            return advance
+
+        for pairs in drawn:
+            change, src = pairs[:2]
+            (log or bar.write)(f"{change.name}: {len(src)} pairs, {len(methods)} methods")
+            scores = score_attribute(store, oracle, methods, pairs, gt if change.name in TRUTH_ATTRS else None,
+                                     boot, references, fixed, batch_size, progress(change.name))
+            result["protocol"][change.name] = {"pairs": len(src), "change": describe(change, store.schema[change.name])}
+            result["floor"][change.name] = scores.pop(FLOOR)
+            for m, s in scores.items():
+                result["methods"][m][change.name] = s
+        unchanged = {m: score_unchanged(store, method, sample, batch_size, progress=partial(progress("unchanged"), m))
+                     for m, method in methods.items()}
     groups = store.subject[sample]
     for m, s in summarise(unchanged, groups, boot, [r for r in references if r != FLOOR], fixed).items():
         result["methods"][m]["unchanged"] = dict(s, repeats=REPEATS)
     result["oracle_test"] = oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed)
     return result
+
+
+def score_attribute(store, oracle, methods, pairs, gt, boot, references, fixed, batch_size, progress=None):
+    """{method, and FLOOR: summary with intervals, paired differences, KID and FD, pair counts} of one
+    attribute's `pairs` (change, source indices, targets, matched references)."""
+    change, src, tgt, ref = pairs
+    per_pair, feats, made = score_change(store, oracle, methods, change, src, tgt, gt, batch_size, progress)
+    groups = store.subject[src]
+    ref_feats = _features(oracle, store, ref[ref >= 0], batch_size) if (ref >= 0).sum() >= 4 else None
+    kid, fd = _realism(feats, ref, ref_feats, groups, store.subject[ref[ref >= 0]], boot, made)
+    scores = summarise(per_pair, groups, boot, references, fixed, kid, made)
+    for m in scores:   # pairs: those the method makes and is scored on
+        scores[m].update(fd=fd[m], kid_pairs=int(((ref >= 0) & made[m]).sum()), pairs=int(made[m].sum()))
+        if gt:
+            scores[m].update({f"{s}_pairs": int(np.isfinite(per_pair[m][f"{s}_change_error_mm2"]).sum())
+                              for s in STRUCTURES})
+    return scores
 
 
 def describe(change, attribute):
@@ -683,7 +726,8 @@ def report_markdown(metrics, title="Evaluation"):
     for name, proto in m["protocol"].items():
         floor = m["floor"][name]
         main, gt = _columns(floor)
-        rows = [(FLOOR, floor, ())] + [(k, v[name], v.get("by_construction", ())) for k, v in m["methods"].items()]
+        rows = [(FLOOR, floor, FLOOR_BY_CONSTRUCTION)] + [(k, v[name], v.get("by_construction", ()))
+                                                          for k, v in m["methods"].items()]
         lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", ""]
         partial = [f"{k} {v[name]['pairs']}" for k, v in m["methods"].items() if v[name]["pairs"] < proto["pairs"]]
         if partial:

@@ -81,22 +81,22 @@ def polynomial_kernel(a, b):
 def kid(a, b, weights=None, groups=None, ref_groups=None):
     """Unbiased squared MMD between feature sets a (P, d) and b (P, d) with the cubic polynomial kernel (KID).
 
-    Pair p is (a[p], b[p]): a manipulated slice and its real reference. The within-set terms average k over
-    pairs of samples from *different subjects* (`groups`: the pair's source subject; for b also `ref_groups`,
-    the reference's own subject; without groups, over different samples), as slices of one subject are not
-    independent draws; the cross term averages over all (i, j). With `weights` (B, P) (bootstrap counts: pair
-    p drawn w_p times) it returns the (B,) values of the weighted statistic, so a subject drawn twice is never
-    compared with itself; with weights = 1 (or None) it is the plain estimate."""
-    kaa, kbb, kab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
+    Pair p is (a[p], b[p]): a manipulated slice and its real reference. The estimate is the U-statistic of
+    Gretton et al. (2012, eq. 3) over the pairs of pairs (p, q) that share no subject: p's source subject
+    (`groups`) and its reference's subject (`ref_groups`) both differ from q's, as slices of one subject are
+    not independent draws (and a reference may come from its source's own subject). Each such (p, q) adds
+    k(a_p, a_q) + k(b_p, b_q) - k(a_p, b_q) - k(a_q, b_p): the cross term, too, never compares slices of one
+    subject or a slice with its own pair's reference. Without groups, pairs are units of their own (p != q).
+    With `weights` (B, P) (bootstrap counts: pair p drawn w_p times) it returns the (B,) values of the
+    weighted statistic, so a subject drawn twice is never compared with itself; with weights = 1 (or None) it
+    is the plain estimate."""
+    kab = polynomial_kernel(a, b)
+    h = polynomial_kernel(a, a) + polynomial_kernel(b, b) - kab - kab.T
     w = np.ones((1, len(a))) if weights is None else np.asarray(weights, np.float64)
     g = np.arange(len(a)) if groups is None else np.asarray(groups)
-    h = g if ref_groups is None else np.asarray(ref_groups)
-    other_a = g[:, None] != g[None, :]
-    other_b = other_a & (h[:, None] != h[None, :])
-
-    def within(k, other):
-        return ((w @ (k * other)) * w).sum(1) / ((w @ other) * w).sum(1)
-
+    r = g if ref_groups is None else np.asarray(ref_groups)
+    apart = lambda u, v: u[:, None] != v[None, :]
+    other = apart(g, g) & apart(r, r) & apart(g, r) & apart(r, g)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = within(kaa, other_a) + within(kbb, other_b) - 2 * ((w @ kab) * w).sum(1) / w.sum(1) ** 2
+        out = ((w @ (h * other)) * w).sum(1) / ((w @ other) * w).sum(1)
     return float(out[0]) if weights is None else out

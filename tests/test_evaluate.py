@@ -128,8 +128,14 @@ def test_protocol_changes_are_seeded_and_in_range(tmp_path):
     with SliceStore(write_planted_store(str(tmp_path / "s.h5"))) as store:
         test = store.indices("test")
         age = evaluation.change_for(store.schema["age"])
+        (lo, hi), shift = age.bounds, age.shift
         src, t = evaluation.draw_pairs(store, test, age, np.random.default_rng(0))
-        assert np.allclose(np.abs(t - store.attrs["age"][src]), 10) and t.min() >= 55 and t.max() <= 95
+        v = store.attrs["age"][src]
+        assert np.allclose(np.abs(t - v), shift) and t.min() >= lo and t.max() <= hi
+        # a random sign where both stay in range, else the one that does
+        both = (v - shift >= lo) & (v + shift <= hi)
+        assert (t[both] > v[both]).any() and (t[both] < v[both]).any()
+        assert (t[v + shift > hi] < v[v + shift > hi]).all() and (t[v - shift < lo] > v[v - shift < lo]).all()
         again = evaluation.draw_pairs(store, test, age, np.random.default_rng(0))[1]
         np.testing.assert_array_equal(t, again)
         dx = evaluation.change_for(store.schema["dx"])
@@ -138,6 +144,103 @@ def test_protocol_changes_are_seeded_and_in_range(tmp_path):
         ref = evaluation.matched_reference(store, test, src, t, dx, np.random.default_rng(0))
         ok = ref >= 0
         assert ok.any() and (store.attrs["dx"][ref[ok]] == t[ok]).all() and np.isin(ref[ok], test).all()
+        # without replacement: no reference twice, and none missing while a test slice with the target is free
+        assert len(np.unique(ref[ok])) == ok.sum()
+        for k in np.unique(t[~ok]):
+            assert (ok & (t == k)).sum() == (store.attrs["dx"][test] == k).sum()
+
+
+def test_references_come_from_the_sources_slice_position(tmp_path):
+    """With test slices of the target at the source's position left, every reference is at that position."""
+    with SliceStore(write_planted_store(str(tmp_path / "s.h5"))) as store:
+        test = store.indices("test")
+        for name in ("age", "dx"):
+            change = evaluation.change_for(store.schema[name])
+            src, t = evaluation.draw_pairs(store, test[::10], change, np.random.default_rng(1))
+            ref = evaluation.matched_reference(store, test, src, t, change, np.random.default_rng(1))
+            assert (ref >= 0).all() and (store.slice[ref] == store.slice[src]).all(), name
+
+
+class NoAreas:
+    """A GroundTruth stand-in for `_score` when only its images matter."""
+
+    def areas(self, images, roi, idx):
+        return {s: np.zeros(len(images)) for s in evaluation.STRUCTURES}
+
+
+def test_brain_scores_look_inside_the_source_brain_only():
+    """MSE, SSIM and the ground-truth MSE "brain" average over the source's foreground: a change in the
+    background farther from the brain than the SSIM window reaches leaves them perfect, and a change inside
+    the brain gives its mean over the brain's pixels."""
+    yy, xx = np.mgrid[:48, :48] - 23.5
+    x = np.where(np.hypot(yy, xx) < 10, 0.3, -1.0)[None, :, :, None].repeat(2, 0).astype(np.float32)
+    brain = evaluation.brain_mask(x)
+    outside, inside = x.copy(), x.copy()
+    outside[:, :6, :6] = 0.5                       # >= 16 pixels from the brain, the window reaches 5
+    inside[brain] += 0.2
+    change, oracle = evaluation.Change("age", "continuous"), (np.zeros(2), None)
+    score = lambda y: evaluation._score(change, x, y, x, np.zeros(2), np.ones(2), oracle, oracle,
+                                        (x[..., 0], {s: brain for s in evaluation.STRUCTURES}, np.arange(2), NoAreas()))
+    out, ins = score(outside), score(inside)
+    assert (out["mse"] > 0).all() and (out["ssim"] < 1).all() and (out["gt_mse"] > 0).all()
+    assert (out["mse_brain"] == 0).all() and (out["gt_mse_brain"] == 0).all()
+    np.testing.assert_allclose(out["ssim_brain"], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(ins["mse_brain"], 0.2 ** 2, rtol=1e-5)
+    np.testing.assert_allclose(ins["gt_mse_brain"], 0.2 ** 2, rtol=1e-5)
+    np.testing.assert_allclose(ins["mse"], 0.2 ** 2 * brain[0].mean(), rtol=1e-5)
+    assert (ins["ssim_brain"] < ins["ssim"]).all()
+
+
+class Discs:
+    """A store for GroundTruth alone: slice i a disc brain with a central ventricle disc and, apart from it, a
+    hippocampus disc inside a CSF pocket, sharp edges, no noise; its raw "age" and "dx" are the ventricle and hippocampus
+    radii in pixels, so a counterfactual "at age r" has a ventricle of radius r."""
+    size, path, side_mm = 48, "discs", 96.0
+
+    def __init__(self, ventricle, hippocampus):
+        self.attrs = {"age": np.asarray(ventricle, float), "dx": np.asarray(hippocampus, float)}
+        self.volume = np.zeros(len(ventricle), int)
+
+    def plan(self, volume):
+        return {"side_mm": self.side_mm}
+
+    def images(self, idx):
+        return self.render(idx)["images"]
+
+    def render(self, idx, age=None, dx=None, masks=False):
+        idx = np.asarray(idx)
+        rv = self.attrs["age"][idx] if age is None else np.broadcast_to(age, idx.shape)
+        rh = self.attrs["dx"][idx] if dx is None else np.broadcast_to(dx, idx.shape)
+        yy, xx = np.mgrid[:self.size, :self.size] - (self.size - 1) / 2
+        out = {"images": [], "masks": {s: [] for s in ("brain", *evaluation.STRUCTURES)}}
+        for v, h in zip(rv, rh):
+            ventricle, hippocampus = np.hypot(yy, xx) < v, np.hypot(yy - 13, xx) < h
+            csf = ventricle | (np.hypot(yy - 13, xx) < 5) & ~hippocampus
+            inside = np.hypot(yy, xx) < 21
+            out["images"].append(np.select([csf, hippocampus, inside], [-0.4, 0.4, 0.8], -1.0))
+            for s, m in (("brain", inside & ~csf), ("ventricles", ventricle), ("hippocampus", hippocampus)):
+                out["masks"][s].append(m.astype(np.float32))
+        res = {"images": np.stack(out["images"]).astype(np.float32)}
+        res["masks"] = {s: np.stack(m) for s, m in out["masks"].items()}
+        res.update({s: m.sum((1, 2)) * (self.side_mm / self.size) ** 2 for s, m in res["masks"].items()})
+        return res
+
+
+def test_area_change_is_the_true_change_both_ways(monkeypatch):
+    """On sharp discs the measured area change is the true one, as a structure grows and as it shrinks by more
+    than the region's margin (the region holds the source's masks as well as the target's)."""
+    import mri.synthetic
+    store = Discs(ventricle=[1.5, 2.0, 5.0, 5.5], hippocampus=[4.5, 4.0, 1.0, 1.5])
+    monkeypatch.setattr(mri.synthetic, "counterfactual", lambda st, idx, **kw: st.render(idx, **kw))
+    idx = np.arange(4)
+    gt = evaluation.GroundTruth(store, idx, 4)
+    target = {"age": store.attrs["age"][::-1], "dx": store.attrs["dx"][::-1]}   # grow, and shrink by 3 px
+    images, roi = gt.target(idx, target)
+    measured = {s: gt.areas(images, roi, idx)[s] - gt.areas(store.images(idx), roi, idx)[s] for s in roi}
+    true = {s: store.render(idx, **target)[s] - store.render(idx)[s] for s in roi}
+    for s in evaluation.STRUCTURES:
+        assert (true[s] > 0).any() and (true[s] < 0).any()
+        np.testing.assert_allclose(measured[s], true[s], rtol=1e-6)
 
 
 def test_meandiff_fits_the_planted_change(tmp_path, fake_truth):
@@ -274,8 +377,14 @@ def test_identity_equals_the_floor_and_truth_has_no_ground_truth_error(planted):
 
 def test_by_construction_scores_are_marked_and_never_ranked(planted):
     m = metrics(planted)
-    assert "reversibility_l1" in m["methods"]["meandiff"]["by_construction"]
     assert "gt_mse" in m["methods"]["truth"]["by_construction"]
+    # meandiff clips to [-1, 1], so there and back is not the source: its reversibility is scored
+    assert "reversibility_l1" not in m["methods"]["meandiff"]["by_construction"]
+    assert m["methods"]["meandiff"]["age"]["reversibility_l1"] > 0
+    # the floor's perfect scores carry their mark in the report too
+    report = open(os.path.join(planted[2][0], "report.md")).read()
+    floor = [line for line in report.splitlines() if line.startswith(f"| {evaluation.FLOOR} |")]
+    assert floor and all(line.count(" †") >= 4 for line in floor[::2])
     # truth's ground-truth scores are perfect by construction: a difference, but no verdict
     vs = m["methods"]["truth"]["age"]["vs"]["meandiff"]["gt_mse"]
     assert vs["diff"] < 0 and vs["ci"][1] < 0 and vs["verdict"] is None
@@ -287,6 +396,9 @@ def test_by_construction_scores_are_marked_and_never_ranked(planted):
     assert evaluation._verdict("gt_mse", -1.0, [-2.0, 0.5], False) == "no difference shown"
     assert evaluation._verdict("mse", -1.0, [-2.0, -0.5], False) is None
     assert evaluation._verdict("gt_mse", -1.0, [-2.0, -0.5], True) is None
+    # the interval, not the point estimate, gives the side: a resampled statistic may lie outside its interval
+    assert evaluation._verdict("kid", 0.1, [-0.3, -0.05], False) == "better"
+    assert evaluation._verdict("gt_mse", -0.1, [0.05, 0.3], False) == "worse"
 
 
 def test_meandiff_moves_towards_the_target(planted):
@@ -350,30 +462,52 @@ def phantom_store(tmp_path_factory):
     return cfg.out
 
 
-def test_area_measure_is_calibrated_on_the_phantom(phantom_store):
-    """The measured change of each structure against the true mask change, over every slice of the store
-    rendered at its own age and 15 years older: slope 1 +- 0.1 (the dilated, thresholded measure this
-    replaced gave 1.95 for the hippocampus)."""
+# every direction the protocol changes an attribute in: age by -10 or +10 years, -15 and +15 for larger changes,
+# diagnosis to each class
+DIRECTIONS = [("age", -10), ("age", 10), ("age", -15), ("age", 15), ("dx", "CN"), ("dx", "MCI"), ("dx", "Dementia")]
+HIPPOCAMPUS_POSITIONS = 16   # the phantom's hippocampus lies in the lower half of the 32 slice positions
+
+
+@pytest.fixture(scope="module")
+def phantom_changes(phantom_store):
+    """{direction: {structure: (true area changes, measured area changes)}} over the phantom's slices in the
+    lower half of the slab (every hippocampus slice), each slice changed in every direction that changes it
+    (age kept in the protocol's bounds), rendered subject by subject (a subject's anatomy is built once)."""
     import mri.synthetic
     with pytest.MonkeyPatch.context() as mp, SliceStore(phantom_store) as store:
         mp.setattr(mri.synthetic, "counterfactual", REAL_COUNTERFACTUAL)
-        idx = np.arange(len(store))
-        gt = evaluation.GroundTruth(store, idx, 128)
-        source = store.images(idx)
-        true_source = REAL_COUNTERFACTUAL(store, idx)
-        older = np.minimum(store.attrs["age"][idx] + 15.0, 95.0)
-        images, roi = gt.target(idx, {"age": older})
-        true_older = REAL_COUNTERFACTUAL(store, idx, age=older)
-        measured_source, measured_older = gt.areas(source, roi, idx), gt.areas(images, roi, idx)
-        assert len(idx) >= 100
-        for s in evaluation.STRUCTURES:
-            has = roi[s].any((1, 2))
-            true = (true_older[s] - true_source[s])[has]
-            measured = (measured_older[s] - measured_source[s])[has]
-            assert has.sum() >= 30 and np.abs(true).mean() > 0, s
-            slope = np.polyfit(true, measured, 1)[0]
-            assert abs(slope - 1) < 0.1, (s, slope, has.sum())
-            assert np.corrcoef(true, measured)[0, 1] > 0.9, s
+        idx = np.flatnonzero(store.slice < HIPPOCAMPUS_POSITIONS)
+        true_source = REAL_COUNTERFACTUAL(store, idx, masks=True)
+        gt = evaluation.GroundTruth(store, idx, len(idx))
+        out = {d: {s: ([], []) for s in evaluation.STRUCTURES} for d in DIRECTIONS}
+        for subject in np.unique(store.subject[idx]):
+            rows = idx[store.subject[idx] == subject]
+            for attr, value in DIRECTIONS:
+                own = store.attrs[attr][rows].astype(np.float64)
+                target = (np.clip(own + value, *evaluation.AGE_PROTOCOL["bounds"]) if attr == "age" else
+                          np.full(len(rows), store.schema["dx"].classes.index(value), np.float64))
+                images, roi = gt.target(rows, {attr: target})
+                true_target = REAL_COUNTERFACTUAL(store, rows, **{attr: target})
+                measured = {s: gt.areas(images, roi, rows)[s] - gt.areas(store.images(rows), roi, rows)[s]
+                            for s in roi}
+                for s in evaluation.STRUCTURES:
+                    has = (target != own) & roi[s].any((1, 2))
+                    true = true_target[s] - true_source[s][np.searchsorted(idx, rows)]
+                    out[(attr, value)][s][0].append(true[has])
+                    out[(attr, value)][s][1].append(measured[s][has])
+    return {d: {s: tuple(np.concatenate(v) for v in pair) for s, pair in c.items()} for d, c in out.items()}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=[f"{a}{v:+d}" if a == "age" else f"{a}-{v}" for a, v in DIRECTIONS])
+def test_area_measure_is_calibrated_in_every_direction(phantom_changes, direction):
+    """The measured change of each structure against its true mask change, for slices of the real phantom
+    changed in one direction of the protocol: slope 1 +- 0.1, correlation above 0.9."""
+    for s in evaluation.STRUCTURES:
+        true, measured = phantom_changes[direction][s]
+        assert len(true) >= 10 and np.abs(true).mean() > 0, (s, len(true))
+        slope = np.polyfit(true, measured, 1)[0]
+        assert abs(slope - 1) < 0.1, (s, slope, len(true))
+        assert np.corrcoef(true, measured)[0, 1] > 0.9, s
 
 
 def test_truth_on_the_real_phantom(tmp_path, phantom_store):
@@ -387,44 +521,12 @@ def test_truth_on_the_real_phantom(tmp_path, phantom_store):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mri.synthetic, "counterfactual", REAL_COUNTERFACTUAL)
         evaluate.main(["--store", phantom_store, "--oracle", str(tmp_path / "oracle"), "--methods", "identity,truth",
-                       "--out", str(tmp_path / "report"), "--n", "48", "--subjects", "1", "--bootstrap", "200"])
+                       "--out", str(tmp_path / "report"), "--n", "24", "--subjects", "1", "--bootstrap", "200"])
     m = json.load(open(tmp_path / "report" / "metrics.json"))
     for attr in ("age", "dx"):
         truth = m["methods"]["truth"][attr]
         assert truth["gt_mse"] == 0 and truth["ventricles_change_error_mm2"] == 0
         assert truth["hippocampus_change_error_mm2"] == 0 and truth["hippocampus_pairs"] > 0
-
-
-def test_kid_and_the_subject_bootstrap():
-    rng = np.random.default_rng(0)
-    subjects = np.repeat(np.arange(40), 10)                 # 400 pairs of 40 subjects
-    own = rng.normal(0, 1, (40, 8))[subjects]               # subject effects: pairs of a subject are alike
-    a = own + rng.normal(0, 0.5, own.shape)
-    b = rng.normal(0, 1, (40, 8))[subjects] + rng.normal(0, 0.5, own.shape)
-    boot = stats.SubjectBootstrap(subjects, 1000, seed=0)
-    w = boot.for_pairs(subjects)
-    same = stats.percentile_interval(stats.kid(a, b, w, subjects))
-    assert same[0] < 0 < same[1]
-    shifted = stats.percentile_interval(stats.kid(a + 0.5, b, w, subjects))
-    assert shifted[0] > 0
-    # weights of one resample == the estimate on that resample's copies, comparing different subjects only
-    rows = np.repeat(np.arange(len(a)), w[0].astype(int))
-    assert stats.kid(a, b, w[:1], subjects)[0] == pytest.approx(_brute_kid(a[rows], b[rows], subjects[rows]), rel=1e-9)
-    assert stats.kid(a, b, np.ones((1, len(a))), subjects)[0] == pytest.approx(stats.kid(a, b, None, subjects), rel=1e-12)
-    # the subject bootstrap is wider than treating the clustered pairs as independent
-    v = own[:, 0] + rng.normal(0, 0.1, len(own))
-    lo, hi = boot.interval(v, subjects)[1]
-    naive = 2 * 1.96 * v.std() / np.sqrt(len(v))
-    assert hi - lo > 2 * naive
-    # resampled means are the means of the resampled pairs
-    rows0 = np.repeat(np.arange(len(v)), w[0].astype(int))
-    assert boot.means(v, subjects)[0] == pytest.approx(v[rows0].mean())
-
-
-def _brute_kid(a, b, ids):
-    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3
-    other = ids[:, None] != ids[None, :]
-    return k(a, a)[other].mean() + k(b, b)[other].mean() - 2 * k(a, b).mean()
 
 
 def test_refuses_a_method_judged_by_its_own_helper_and_a_mismatched_oracle(planted, tmp_path):
@@ -498,6 +600,15 @@ def test_oracle_is_scored_on_the_test_split(planted):
     assert 0 <= o["dx"]["balanced_accuracy"] <= 1 and o["dx"]["chance_balanced_accuracy"] == pytest.approx(1 / 3)
     lo, hi = o["dx"]["ci"]["balanced_accuracy"]
     assert lo <= hi and o["age"]["mae"] > 0 and o["age"]["ci"]["mae"][0] <= o["age"]["ci"]["mae"][1]
+    from models.oracle import load_oracle
+    with SliceStore(planted[0]) as store:
+        test = store.indices("test")
+        pred = load_oracle(planted[1]).predict_raw(store.images(test)[..., None])["dx"]
+        true = store.attrs["dx"][test]
+    recall = [np.mean(pred[true == k] == k) for k in np.unique(true)]
+    assert o["dx"]["balanced_accuracy"] == pytest.approx(np.mean(recall))
+    assert o["dx"]["accuracy"] == pytest.approx(np.mean(pred == true))
+    assert abs(np.mean(recall) - np.mean(pred == true)) > 0.01   # the classes are unbalanced: they differ
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "train_oracle.py"])
@@ -509,14 +620,20 @@ def test_scripts_have_help_and_seed(script):
 
 @contextlib.contextmanager
 def drawn_pairs():
-    """Records the pairs the evaluation draws: {attribute: (source indices, target values)}."""
-    drawn, draw = {}, evaluation.draw_pairs
+    """Records the pairs the evaluation draws, {attribute: (source indices, target values)}, and their
+    references under "<attribute> references"."""
+    drawn, draw, match = {}, evaluation.draw_pairs, evaluation.matched_reference
 
     def spy(store, sample, change, rng):
         drawn[change.name] = draw(store, sample, change, rng)
         return drawn[change.name]
+
+    def references(store, test, src, targets, change, rng):
+        drawn[f"{change.name} references"] = match(store, test, src, targets, change, rng)
+        return drawn[f"{change.name} references"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluation, "draw_pairs", spy)
+        mp.setattr(evaluation, "matched_reference", references)
         yield drawn
 
 
@@ -536,18 +653,30 @@ class Partial:
         return self.inner.manipulate(images, source, target)
 
 
-def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted):
+def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted, capsys):
     """On the pairs it makes, Partial is meandiff: its pair counts are those `supports` accepts, its paired
     differences to meandiff (on the common pairs) are 0, to identity its own MSE (the floor's is 0); it makes no
-    change back (reversibility unscored); its trajectory cells are blank exactly where it supports nothing."""
+    change back (reversibility unscored); its trajectory cells are blank exactly where it supports nothing.
+    The floor's KID is that of the source slices against their references, slices of one subject never
+    compared; the progress bar counts every manipulated slice."""
     from models.oracle import load_oracle
     store_path, oracle_dir, _ = planted
     with SliceStore(store_path) as store, drawn_pairs() as drawn:
         meandiff = load_method("meandiff", store, attrs=["age", "dx"])
         partial = Partial(meandiff)
-        m = evaluation.evaluate(store, load_oracle(oracle_dir), {"meandiff": meandiff, "partial": partial}, n=24,
+        oracle = load_oracle(oracle_dir)
+        m = evaluation.evaluate(store, oracle, {"meandiff": meandiff, "partial": partial}, n=24,
                                 seed=3, batch_size=16, n_boot=200, log=lambda *a: None)
-        for name, (src, tgt) in drawn.items():
+        manipulated = 2 * (sum(2 * p["pairs"] for p in m["protocol"].values()) + evaluation.REPEATS * m["n"])
+        assert f"{manipulated}/{manipulated}" in capsys.readouterr().err
+        for name in ("age", "dx"):
+            (src, _), ref = drawn[name], drawn[f"{name} references"]
+            ok = ref >= 0
+            feats = [oracle.features(store.images(i)[..., None]) for i in (src[ok], ref[ok])]
+            kid = stats.kid(*feats, None, store.subject[src[ok]], store.subject[ref[ok]])
+            assert m["floor"][name]["kid"] == pytest.approx(kid, rel=1e-4, abs=1e-9)
+        for name in ("age", "dx"):
+            src, tgt = drawn[name]
             source = store.raw(src)
             made = int(partial.supports(source, dict(source, **{name: tgt})).sum())
             s, pairs = m["methods"]["partial"][name], m["protocol"][name]["pairs"]
