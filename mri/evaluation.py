@@ -760,16 +760,8 @@ def report_markdown(metrics, title="Evaluation"):
     if m.get("oracle_test"):
         o = m["oracle_test"]
         lines += ["", f"## The oracle on this store's test split ({o['n']} slices, {o['subjects']} subjects)", ""]
-        for name, s in o.items():
-            if not isinstance(s, dict):
-                continue
-            if "mae" in s:
-                lines.append(f"- {name}: MAE {_cell(s, 'mae')}, bias {_cell(s, 'bias')} (predicting the train mean: "
-                             f"MAE {_fmt(s['mae_predicting_train_mean'])})")
-            else:
-                lines.append(f"- {name}: balanced accuracy {_cell(s, 'balanced_accuracy')} (chance "
-                             f"{_fmt(s['chance_balanced_accuracy'])}), accuracy {_cell(s, 'accuracy')} (majority class "
-                             f"{_fmt(s['majority_accuracy'])})")
+        from models.oracle import describe_metrics
+        lines += [f"- {line}" for line in describe_metrics(o, _cell)]
     if m.get("figures"):
         lines += ["", "## Trajectories", ""]
         for f in m["figures"]:
