@@ -9,8 +9,8 @@ import os
 import re
 import sys
 
-from mri.cohorts import CohortError
-from mri.prep import PrepConfig, build, synthetic_config
+from mri.data.cohorts import CohortError
+from mri.data.pipeline import PrepConfig, build, synthetic_config
 from mri.synthetic import DEFAULT_VERSION, VERSIONS, VISITS
 
 

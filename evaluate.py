@@ -9,8 +9,10 @@ Writes <out>/metrics.json, <out>/report.md and trajectory PNGs (sample sizes in 
 import argparse
 import os
 
-from mri.io import atomic_path, exit_on, write_json
-from mri.store import SliceStore, StoreError
+from mri import runtime
+from mri.data.io import atomic_path, exit_on, write_json
+from mri.data.store import SliceStore, StoreError
+from mri.training import add_verbose_arg
 
 
 def parse_args(argv=None):
@@ -31,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of test subjects for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sample, the changes, the bootstrap and the figures' subjects")
+    add_verbose_arg(p)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.attrs = [a for a in args.attrs.split(",") if a]
@@ -41,11 +44,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    runtime.start(argv)
     import keras
     from models import check_independent, load_method
     from models.baselines import make
     from models.oracle import load_oracle
-    from mri import evaluation
+    from mri.synthetic import is_synthetic
+    import evaluation
     keras.utils.set_random_seed(args.seed)
     with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
         store = SliceStore(args.store)
@@ -55,7 +60,7 @@ def main(argv=None):
         for spec in args.methods:
             check_independent(spec, args.oracle)
         methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
-        truth = make("truth", store) if evaluation.is_synthetic(store) else None
+        truth = make("truth", store) if is_synthetic(store) else None
         metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size, attrs, args.bootstrap)
     metrics["oracle"] = args.oracle
     changes = [evaluation.change_for(store.schema[a]) for a in attrs]

@@ -5,7 +5,7 @@ versions out as NIfTI volumes that overlay the input in any viewer, a picture an
         --age 60,80,90 --dx MCI,Dementia --out sim/
     python simulate.py --method meandiff --store data/synthetic.h5 --subject 002_S_0775 --age 85 --out sim/
 
-The scan is preprocessed by data_prep.py's own code (mri/preprocess.py: canonical RAS, intensity scale,
+The scan is preprocessed by data_prep.py's own code (mri/data/volumes.py: canonical RAS, intensity scale,
 foreground crop, axial slices at the store's --slices and --spacing, recorded in the training store's
 provenance). Each --age / --dx value changes that attribute alone (the others keep the source's values); each
 --target NAME=VALUE[,NAME=VALUE] changes several at once. Writes into --out:
@@ -17,7 +17,7 @@ provenance). Each --age / --dx value changes that attribute alone (the others ke
     changes.csv                          brain tissue, CSF and brain parenchymal fraction per slab
     simulation.json                      arguments, attributes, geometry, plan, files, the picture's caption
 
-The slabs are (size, size, slices) RAS arrays whose affine (mri.preprocess.slab_affine) puts each voxel at the
+The slabs are (size, size, slices) RAS arrays whose affine (mri.data.volumes.slab_affine) puts each voxel at the
 world position preprocessing sampled, so they overlay the input scan. changes.csv: inside the source's brain
 mask (its foreground at preprocessing's 5 % threshold, holes filled), each voxel's tissue fraction runs
 linearly from 0 at the CSF level to 1 at the grey-matter level of a 3-class intensity clustering of the source;
@@ -30,8 +30,11 @@ import argparse
 import os
 import time
 
-from mri import simulation
-from mri.io import exit_on
+import simulation
+from models import BASELINES
+from mri import runtime
+from mri.data.io import exit_on
+from mri.training import add_verbose_arg
 
 
 def parse_args(argv=None):
@@ -61,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="slices per call of the method")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds Keras for methods that draw random numbers at inference (none of the current ones)")
+    add_verbose_arg(p)
     args = p.parse_args(argv)
     if bool(args.input) == bool(args.subject):
         p.error("give the scan with --input FILE, or a stored one with --store STORE --subject ID (not both)")
@@ -77,14 +81,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mri.store import SliceStore, StoreError
+    runtime.start(argv)
+    from mri.data.store import SliceStore, StoreError
     started = time.time()
     with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
         store = SliceStore(args.store) if args.store else None
         sim = simulation.prepare(args.method, store, source=args.source, age=args.age, dx=args.dx,
                                  target=args.target, input_path=args.input, subject=args.subject,
                                  visit=args.visit, slices=args.slices, spacing=args.spacing)
-        if args.method not in simulation.BASELINES:
+        if args.method not in BASELINES:
             import keras
             keras.utils.set_random_seed(args.seed)
         method = simulation.load_method(args.method, store, sim.changed)

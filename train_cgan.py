@@ -7,9 +7,13 @@
 """
 import argparse
 
-from models import cgan
-from mri import training
-from mri.io import exit_on
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import cgan  # noqa: E402
+from mri import training  # noqa: E402
+from mri.data.io import exit_on  # noqa: E402
 
 
 def parse_args(argv=None):

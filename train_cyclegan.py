@@ -7,10 +7,14 @@ way, 70x70 PatchGAN discriminators, LSGAN, cycle and identity losses, image pool
 """
 import argparse
 
-from models import cyclegan
-from mri import training
-from mri.io import exit_on
-from mri.loader import DOMAINS_USAGE, domain_attribute, domain_batches, parse_domains
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import cyclegan  # noqa: E402
+from mri import training  # noqa: E402
+from mri.data.io import exit_on  # noqa: E402
+from mri.data.loader import DOMAINS_USAGE, domain_attribute, domain_batches, parse_domains  # noqa: E402
 
 
 def parse_args(argv=None):

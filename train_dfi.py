@@ -10,10 +10,14 @@ every train slice and the attribute-space neighbour index are cached once in <ou
 import argparse
 import os
 
-from models import dfi, feature_networks
-from mri import training
-from mri.io import exit_on, remove_stale_temporaries
-from mri.store import SliceStore, StoreError
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import dfi, feature_networks  # noqa: E402
+from mri import training  # noqa: E402
+from mri.data.io import exit_on, remove_stale_temporaries  # noqa: E402
+from mri.data.store import SliceStore, StoreError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=dfi.MODES, default="decode", help="default manipulation (RUN@MODE overrides)")
     p.add_argument("--batch-size", type=int, default=64, help="slices per feature batch")
     p.add_argument("--seed", type=int, default=0, help="recorded for uniformity: DFI draws no random numbers")
+    training.add_verbose_arg(p)
     return training.parse(p, argv)
 
 

@@ -6,8 +6,12 @@
 """
 import argparse
 
-from models import fader
-from mri import training
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import fader  # noqa: E402
+from mri import training  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,9 +8,13 @@ the train split (codes.json in the run, printed).
 """
 import argparse
 
-from models import cgan, infogan
-from mri import training
-from mri.io import exit_on
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import cgan, infogan  # noqa: E402
+from mri import training  # noqa: E402
+from mri.data.io import exit_on  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,7 +8,11 @@ store's visits are registered and cut with the first visit's plan by data_prep.p
 """
 import argparse
 
-from mri import training
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from mri import training  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -26,8 +30,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from models import longitudinal
-    from mri.io import exit_on
-    from mri.loader import VisitPairs
+    from mri.data.io import exit_on
+    from mri.data.loader import VisitPairs
     batches, val, run = training.start_run(args, "longitudinal")
     with exit_on(ValueError):
         pairs = VisitPairs(batches.store, "train", args.attrs, args.batch_size, args.seed)

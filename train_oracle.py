@@ -15,8 +15,10 @@ import json
 import os
 import sys
 
-from mri.io import exit_on, write_json
-from mri.store import SliceStore, StoreError
+from mri import runtime
+from mri.data.io import exit_on, write_json
+from mri.data.store import SliceStore, StoreError
+from mri.training import add_verbose_arg
 
 TRAIN_SUBJECTS = 100   # the train split is read on this many seeded subjects at most (the val split whole)
 
@@ -41,6 +43,7 @@ def parse_args(argv=None):
                    help="synthetic stores: also score the diagnosis ceiling (a classifier on each val slice's true "
                         "structure areas, age and position; mri/ceiling.py) beside the oracle")
     p.add_argument("--tiny", action="store_true", help="smallest architecture, for smoke runs and tests")
+    add_verbose_arg(p)
     args = p.parse_args(argv)
     args.attrs = [a for a in args.attrs.split(",") if a]
     return args
@@ -48,9 +51,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    runtime.start(argv)
     import keras
     from models import oracle
-    from mri.loader import Batches
+    from mri.data.loader import Batches
     keras.utils.set_random_seed(args.seed)
     with exit_on(StoreError, KeyError, ValueError):
         store = SliceStore(args.store)
@@ -74,7 +78,7 @@ def main(argv=None):
         split: oracle.split_metrics(reader, store, split, batch_size=64, seed=args.seed, max_subjects=TRAIN_SUBJECTS
                                     if split == "train" else 0) for split in ("train", "val")}}
     if args.ceiling:
-        from mri.ceiling import describe, dx_ceiling
+        from mri.synthetic.ceiling import describe, dx_ceiling
         with exit_on(ValueError):
             metrics["ceiling"] = dx_ceiling(store, "train", "val", seed=args.seed)
     write_json(os.path.join(args.out, "val_metrics.json"), metrics)

@@ -7,9 +7,13 @@ frozen auxiliary regressor (a train_oracle.py run: never the evaluation oracle's
 """
 import argparse
 
-from models import vagan
-from mri import training
-from mri.io import exit_on
+from mri import runtime
+
+runtime.start()   # imports TensorFlow quietly before anything else does; prints the device
+
+from models import vagan  # noqa: E402
+from mri import training  # noqa: E402
+from mri.data.io import exit_on  # noqa: E402
 
 
 def parse_args(argv=None):

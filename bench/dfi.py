@@ -28,7 +28,7 @@ from bench.train_step import forward_flops, machine, matmul_gflops  # noqa: E402
 
 def networks(kind, size):
     from models import feature_networks, oracle
-    from mri.attributes import Attribute, Schema
+    from mri.data.attributes import Attribute, Schema
     out = {}
     if kind in ("store", "both"):
         schema = Schema([Attribute("age", "continuous").fit(np.linspace(55, 90, 10))])

@@ -88,7 +88,7 @@ def fader(args):
 
 def example_batch(args):
     """A schema with every attribute kind (age continuous, dx categorical, sex binary) and a random batch."""
-    from mri.attributes import Attribute, Schema
+    from mri.data.attributes import Attribute, Schema
     schema = Schema([Attribute("age", "continuous").fit(np.linspace(55, 90, 200)),
                      Attribute("dx", "categorical", ["CN", "MCI", "Dementia"]), Attribute("sex", "binary", ["F", "M"])])
     rng = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def cyclegan(args):
     """CycleGAN at train_cyclegan's defaults (ResNet generator with 6 blocks, 70x70 PatchGAN, pools of 50): one
     iteration, both generators then both discriminators, on --batch-size / 2 slices of each domain."""
     from models import cyclegan as method
-    from mri.loader import parse_domains
+    from mri.data.loader import parse_domains
     schema, x, y = example_batch(args)
     model = method.CycleGAN(schema, parse_domains("dx=CN:Dementia", schema), args.size, args.n_filters)
     method.compile_from_args(model, dict(lr=2e-4, constant_epochs=1, decay_epochs=1, jit=args.jit), 100)

@@ -25,17 +25,16 @@ every change. At unchanged attributes (target = source) every method is scored.
 """
 import importlib
 import inspect
-import json
 import os
+
+import numpy as np
+
+from mri.training import AUXILIARY_ARGS, load_config   # AUXILIARY_ARGS: the arguments that name a helper run
 
 BASELINES = ("identity", "meandiff", "truth")
 # method name in a run's config.json -> module in models/ providing `from_run(run_dir)`
 RUN_METHODS = {"fader": "models.fader", "cgan": "models.cgan", "vagan": "models.vagan", "dfi": "models.dfi",
                "cyclegan": "models.cyclegan", "infogan": "models.infogan", "longitudinal": "models.longitudinal"}
-# config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
-# feature network): such a run must not be the evaluation oracle. training.Run stores them absolute, with the
-# content hash of the helper's weights under "helpers"; these values name no run
-AUXILIARY_ARGS = ("regressor", "features")
 NOT_RUNS = ("", "imagenet")   # VA-GAN without a regressor, DFI on ImageNet VGG19 weights
 
 
@@ -44,8 +43,7 @@ def _config(spec):
     config = os.path.join(run_dir, "config.json")
     if not os.path.exists(config):
         raise FileNotFoundError(f"{run_dir} is neither a baseline {BASELINES} nor a run directory with config.json")
-    with open(config) as f:
-        return config, json.load(f)
+    return config, load_config(run_dir)
 
 
 def auxiliary_runs(spec):
@@ -57,7 +55,7 @@ def auxiliary_runs(spec):
     config, c = _config(spec)
     if "helpers" in c:
         return c["helpers"]
-    from mri.io import weights_hash
+    from mri.data.io import weights_hash
     out = {}
     for k in AUXILIARY_ARGS:
         run = c.get("args", {}).get(k)
@@ -73,8 +71,8 @@ def auxiliary_runs(spec):
 
 def check_independent(spec, oracle_dir):
     """No method may be judged by its own helper: refuse a run whose auxiliary network has the oracle's
-    weights (by content: mri.io.weights_hash, so a copy of the oracle's run is refused too) or is its run."""
-    from mri.io import weights_hash
+    weights (by content: mri.data.io.weights_hash, so a copy of the oracle's run is refused too) or is its run."""
+    from mri.data.io import weights_hash
     helpers = auxiliary_runs(spec)
     oracle = weights_hash(oracle_dir) if helpers else None
     for arg, helper in helpers.items():
@@ -100,3 +98,9 @@ def load_method(spec, store, attrs=None):
     if mode and "mode" not in accepts:
         raise ValueError(f"{spec}: a {method} run has no manipulation modes; give the run directory alone")
     return module.from_run(run_dir, **({"mode": mode} if mode else {}))
+
+
+def supported(method, source, target, n):
+    """(n,) bool: the changes `method` makes (its `supports`; every change without one)."""
+    supports = getattr(method, "supports", None)
+    return np.ones(n, bool) if supports is None else np.asarray(supports(source, target), bool).reshape(n)

@@ -28,7 +28,7 @@ from keras import layers, ops
 
 from models.layers import FusedAdam
 from mri import training
-from mri.loader import parse_domains
+from mri.data.loader import parse_domains
 
 TINY_FILTERS = 4
 

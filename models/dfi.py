@@ -27,7 +27,6 @@ reverse, and for every target of one source.
 import collections
 import functools
 import hashlib
-import json
 import os
 
 import h5py
@@ -38,8 +37,9 @@ from keras import ops
 from models import lbfgs
 from models.feature_networks import features_from_args
 from models.layers import single_blas_thread
-from mri.attributes import Schema
-from mri.io import atomic_path, read_json
+from mri.data.attributes import Schema
+from mri.data.io import atomic_path
+from mri.training import load_config
 
 MODES = ("decode", "residual")
 TV_EPS = 1e-8
@@ -238,12 +238,12 @@ class DFI:
 
 def from_run(run_dir, mode=None):
     """The DFI of a train_dfi.py run."""
-    config = read_json(os.path.join(run_dir, "config.json"))
+    config = load_config(run_dir)
     a = config["args"]
     path = os.path.join(run_dir, FEATURES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: rerun train_dfi.py with --out {run_dir}")
-    schema = Schema.from_json(json.dumps(config["schema"]))
+    schema = Schema.from_records(config["schema"])
     method = DFI(schema, features_from_args(a, a["size"]), h5py.File(path, "r"), a["k"], a["alpha"], a["window"],
                mode or a["mode"], a["tv_weight"], a["tv_beta"], a["iterations"])
     if method.mode == "residual":   # a zero shift returns the input

@@ -42,7 +42,7 @@ from scipy.stats.contingency import association
 from models.cgan import bce
 from models.layers import FusedAdam, batch_norm, down, up
 from mri import training
-from mri.io import read_json, write_json
+from mri.data.io import read_json, write_json
 
 MIN_CORRELATION = 0.3     # a weaker continuous code does not capture its best attribute
 TINY = dict(filters=4, hidden=32)

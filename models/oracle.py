@@ -23,14 +23,13 @@ and reads the attributes the way evaluate.py will, in inference mode:
 the saved oracle is a single Keras file whose "logits" read each attribute with its own weights.
 A functional model, saved in the Keras format; the schema travels in the run's config.json.
 """
-import json
 import os
 
 import numpy as np
 
 from mri import stats
-from mri.attributes import Schema
-from mri.io import read_json
+from mri.data.attributes import Schema
+from mri.training import load_config
 
 FILTERS = (16, 32, 64, 128)
 WORKING_SIZE = 64
@@ -117,7 +116,7 @@ def compile_for(model, schema, learning_rate=1e-3, decay_steps=0):
 
 def recalibrate_batchnorm(model, batches, steps, start_step=0):
     """Re-estimate every BatchNorm layer's moving mean and variance for the current weights: their plain
-    average over `steps` training batches (`batches`: a mri.loader.Batches), the weights frozen. During
+    average over `steps` training batches (`batches`: a mri.data.loader.Batches), the weights frozen. During
     training the moving statistics trail the weights (momentum 0.9 under Adam), so inference-mode readings
     swing from epoch to epoch; this makes them those of the saved weights (cumulative average, as
     torch.optim.swa_utils.update_bn)."""
@@ -136,14 +135,14 @@ def recalibrate_batchnorm(model, batches, steps, start_step=0):
 
 def fit(model, train, epochs, steps_per_epoch=0, patience=5, calibration=None, calibration_steps=0,
         verbose=2, log=print):
-    """Train on `train` (mri.loader.Batches); after every epoch re-estimate the BatchNorm statistics on
+    """Train on `train` (mri.data.loader.Batches); after every epoch re-estimate the BatchNorm statistics on
     `calibration_steps` batches of `calibration` (unjittered train batches) and read every attribute on
     the val split of the same store, in inference mode. Each attribute keeps the weights of its best epoch (MAE for
     continuous attributes, balanced accuracy then cross-entropy for the others); training stops when no
     attribute improved for `patience` epochs. Returns (the composed oracle model, {name: best epoch (1-based)},
     per-epoch validation history)."""
     import keras
-    from mri.loader import dataset
+    from mri.data.loader import dataset
     schema = train.schema
     best, snapshots, epochs_of, history = {}, {}, {}, []
     state = {"waited": 0}
@@ -320,8 +319,8 @@ def load_oracle(run_dir):
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p} does not exist: {run_dir} is not a trained oracle; train one with "
                                     f"`python train_oracle.py --store STORE.h5 --out {run_dir}`")
-    config = read_json(config_path)
+    config = load_config(run_dir)
     if config.get("method") != "oracle":
         raise ValueError(f"{config_path} describes a {config.get('method')!r} run, not an oracle")
-    schema = Schema.from_json(json.dumps(config["schema"]))
+    schema = Schema.from_records(config["schema"])
     return Oracle(keras.models.load_model(model_path, compile=False), schema)

@@ -17,9 +17,14 @@ import sys
 
 import numpy as np
 
-from mri import grids
-from mri.attributes import Schema
-from mri.io import atomic_path, exit_on, read_json, weights_hash, write_json
+from mri.data import grids
+from mri.data.attributes import Schema
+from mri.data.io import atomic_path, exit_on, read_json, weights_hash, write_json
+
+# config.json arguments that name another run a method uses as a helper network (a pretrained regressor, a
+# feature network): such a run must not be the evaluation oracle. Run stores them absolute, with the
+# content hash of the helper's weights under "helpers"; these values name no run
+AUXILIARY_ARGS = ("regressor", "features")
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -39,7 +44,14 @@ def add_common_args(p, method, epochs=10, batch_size=32, attrs="age,dx"):
     p.add_argument("--jit", choices=["auto", "on", "off"], default="auto",
                    help="XLA compilation of train_step; auto: on with a GPU, off on CPU (XLA measured 4x slower "
                         "than graph mode on CPU)")
+    add_verbose_arg(p)
     return p
+
+
+def add_verbose_arg(p):
+    """--verbose, which mri/runtime.py reads from the command line before TensorFlow is imported."""
+    from mri.runtime import VERBOSE_FLAG, VERBOSE_HELP
+    p.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
 
 
 def parse(p, argv=None):
@@ -65,8 +77,8 @@ def make_batches(args, n_samples=4):
     """Train batches (shuffled, jittered) and fixed validation ones for the sample grids (None when the store
     has no validation split: fit then samples the train split). A missing store or an unknown attribute
     exits with a message naming the fix or the available attributes."""
-    from mri.loader import Batches
-    from mri.store import StoreError
+    from mri.data.loader import Batches
+    from mri.data.store import StoreError
     with exit_on(StoreError, KeyError, ValueError):
         train = Batches(args.store, "train", args.attrs, args.batch_size, args.seed, jitter=args.jitter)
     try:
@@ -86,17 +98,15 @@ def start_run(args, method, growable=("epochs",)):
 
 
 def helper_path(arg, value):
-    """A helper run's argument (models.AUXILIARY_ARGS: VA-GAN's --regressor, DFI's --features) as an absolute
+    """A helper run's argument (AUXILIARY_ARGS: VA-GAN's --regressor, DFI's --features) as an absolute
     path when it names a directory; any other value as given ("" for none, DFI's "imagenet")."""
-    from models import AUXILIARY_ARGS
     named = arg in AUXILIARY_ARGS and isinstance(value, str) and value and os.path.isdir(value)
     return os.path.abspath(value) if named else value
 
 
 def record_helpers(args):
     """Makes the helper runs' arguments in `args` absolute and returns {argument: {"path", "weights"}}, the
-    content hash of each helper's weights (mri.io.weights_hash), which evaluate.py compares with the oracle's."""
-    from models import AUXILIARY_ARGS
+    content hash of each helper's weights (mri.data.io.weights_hash), which evaluate.py compares with the oracle's."""
     helpers = {}
     for k in AUXILIARY_ARGS:
         path = helper_path(k, getattr(args, k, None))
@@ -146,7 +156,7 @@ def load_run(run_dir, from_args):
     """The trained model of a run directory, for inference: `from_args(config args, schema)` rebuilds it from
     config.json, then the checkpoint's weights are loaded."""
     config = load_config(run_dir)
-    model = from_args(config["args"], Schema.from_json(json.dumps(config["schema"])))
+    model = from_args(config["args"], Schema.from_records(config["schema"]))
     load_checkpoint(os.path.join(run_dir, CHECKPOINT), model)
     return model
 
@@ -278,7 +288,7 @@ def fit(model, batches, run, args, val_batches=None, epochs=None, callbacks=()):
     args.epochs; a method with phases passes their total and a callback switching them, run before the others).
     Saves the checkpoint at each epoch end, appends log.csv, writes TensorBoard scalars and sample grids."""
     import keras
-    from mri.loader import dataset
+    from mri.data.loader import dataset
     steps = args.steps_per_epoch or batches.steps_per_epoch
     epochs = args.epochs if epochs is None else epochs
     start_epoch = 0

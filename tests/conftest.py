@@ -113,10 +113,10 @@ def adni_cohort(tmp_path):
 
 def build_store(folder, attrs=("age", "dx", "sex")):
     """A tiny slice store built in `folder` (9 subjects, 32x32, 4 slices a volume, split 0.6/0.2/0.2): its path."""
-    from mri import prep
+    from mri.data import pipeline
     img_dir, csv_path, _ = write_adni_cohort(folder, n_subjects=9, extra=False)
     out = os.path.join(folder, "s.h5")
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=tuple(attrs), size=32, slices=4,
+    pipeline.build(pipeline.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=tuple(attrs), size=32, slices=4,
                                workers=1, split=(0.6, 0.2, 0.2)), log=lambda *a: None)
     return out
 

@@ -3,8 +3,8 @@ areas follow diagnosis exactly (its counterfactual is the fake renderer of test_
 import numpy as np
 import pytest
 
-from mri import ceiling
-from mri.store import SliceStore
+from mri.synthetic import ceiling
+from mri.data.store import SliceStore
 from test_evaluate import fake_counterfactual, write_planted_store
 
 

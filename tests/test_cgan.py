@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import read_checkpoint, read_log
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 TINY = ["--attrs", "age,dx,sex", "--tiny", "--z-dim", "8", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "3"]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import read_checkpoint, read_log
-from mri import grids
-from mri.attributes import Attribute, Schema
+from mri.data import grids
+from mri.data.attributes import Attribute, Schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, CONSTANT, DECAY, POOL, STEPS, BATCH = 1e-3, 2, 2, 3, 2, 4
@@ -36,7 +36,7 @@ def schema():
 
 
 def test_domains_from_classes_or_ranges():
-    from mri.loader import parse_domains
+    from mri.data.loader import parse_domains
     dx = parse_domains("dx=CN:Dementia", schema())
     assert dx.which({"dx": np.array([0, 1, 2])}).tolist() == [0, -1, 1]
     age = parse_domains("age<65:age>=75", schema())
@@ -106,7 +106,7 @@ def test_toy_squares_become_bright_and_come_back():
     import keras
     import tensorflow as tf
     from models import cyclegan
-    from mri.loader import parse_domains
+    from mri.data.loader import parse_domains
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     (a, _), (b, _) = squares(256, -0.5, rng), squares(256, 0.5, rng)
@@ -130,7 +130,7 @@ def test_one_step_logs_the_losses_of_its_equations():
     stores its own domain's generated slices."""
     import keras
     from models import cyclegan
-    from mri.loader import parse_domains
+    from mri.data.loader import parse_domains
     keras.utils.set_random_seed(0)
     s, n = schema(), 2
     model = cyclegan.CycleGAN(s, parse_domains("dx=CN:Dementia", s), size=24, filters=2, blocks=1, pool_size=2 * n)
@@ -182,7 +182,7 @@ def test_reloaded_run_translates_between_the_domains_only(store_path, run4):
     """CN -> Dementia is G_AB, Dementia -> CN G_BA; a target in the source's domain, or a source or target outside
     both domains (MCI), returns the input and is not supported."""
     from models import load_method
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     out, trained = run4
     with SliceStore(store_path) as store:
         dx = store.attrs["dx"]
@@ -206,7 +206,7 @@ def test_reloaded_run_translates_between_the_domains_only(store_path, run4):
 
 def test_age_domains_choose_the_generator():
     from models import cyclegan
-    from mri.loader import parse_domains
+    from mri.data.loader import parse_domains
     s = schema()
     model = cyclegan.CycleGAN(s, parse_domains("age<65:age>=75", s), size=32, filters=2, blocks=1)
     x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 1)).astype(np.float32)

@@ -9,9 +9,9 @@ import nibabel as nib
 import pytest
 
 from conftest import RAS_AFFINE, as_lps, as_permuted, brain, write_adni_cohort
-from mri import cohorts, prep
-from mri.preprocess import BadVolume, load_canonical, process_file
-from mri.store import SliceStore, assign_splits
+from mri.data import cohorts, pipeline
+from mri.data.volumes import BadVolume, load_canonical, process_file
+from mri.data.store import SliceStore, assign_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def config(img_dir, csv_path, out, **kw):
     base = dict(images=img_dir, csv=csv_path, out=out, preset="adni", attrs=("age", "dx", "sex"),
                 size=32, slices=8, spacing=3.0, workers=1)
     base.update(kw)
-    return prep.PrepConfig(**base)
+    return pipeline.PrepConfig(**base)
 
 
 def test_orientation_does_not_change_the_slices(tmp_path):
@@ -65,7 +65,7 @@ def test_bad_volumes_raise_clear_reasons(tmp_path, make, reason):
 def test_build_store_skips_bad_files_and_keeps_subjects_apart(adni_cohort, tmp_path):
     img_dir, csv_path, bad = adni_cohort
     out = str(tmp_path / "store.h5")
-    summary = prep.build(config(img_dir, csv_path, out), log=lambda *a: None)
+    summary = pipeline.build(config(img_dir, csv_path, out), log=lambda *a: None)
     skipped = {os.path.basename(p): r for p, r in summary.skipped}
     assert set(skipped) == set(bad)
     assert "unreadable" in skipped[bad[0]] and "NaN" in skipped[bad[1]] and "not a 3D" in skipped[bad[2]]
@@ -110,7 +110,7 @@ def test_missing_column_names_the_columns(tmp_path):
         w.writeheader()
         w.writerows([{k: v for k, v in r.items() if k != "DX"} for r in rows])
     with pytest.raises(cohorts.CohortError, match=r"missing column\(s\) \['DX'\].*the CSV has"):
-        prep.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
+        pipeline.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
 
 
 def test_unknown_label_lists_values_and_the_fix(tmp_path):
@@ -118,8 +118,8 @@ def test_unknown_label_lists_values_and_the_fix(tmp_path):
     text = open(csv_path).read().replace(",CN,", ",Normal,")
     open(csv_path, "w").write(text)
     with pytest.raises(cohorts.CohortError, match=r"unknown 'dx' label\(s\) \['Normal'\].*--label-map dx:Normal="):
-        prep.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
-    summary = prep.build(config(img_dir, csv_path, str(tmp_path / "s.h5"), label_maps=("dx:Normal=CN",)))
+        pipeline.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
+    summary = pipeline.build(config(img_dir, csv_path, str(tmp_path / "s.h5"), label_maps=("dx:Normal=CN",)))
     assert summary.volumes == 4
 
 
@@ -131,7 +131,7 @@ def test_nan_attribute_skips_the_volume(tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    summary = prep.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
+    summary = pipeline.build(config(img_dir, csv_path, str(tmp_path / "s.h5")))
     assert summary.volumes == 5 and "missing value for ['age']" in summary.skipped[0][1]
 
 
@@ -145,14 +145,14 @@ def test_resume_after_kill_reuses_finished_volumes(tmp_path):
     subprocess.run([c if c != out else ref for c in cmd], check=True, capture_output=True)
     # a run stopped before the store is written leaves its parts (each written atomically, so a kill -9
     # leaves whole parts only); keep 3 of them, as if killed after the third volume
-    cfg = prep.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx"), size=32, slices=4, workers=1)
-    original = prep.write_store
-    prep.write_store = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    cfg = pipeline.PrepConfig(images=img_dir, csv=csv_path, out=out, attrs=("age", "dx"), size=32, slices=4, workers=1)
+    original = pipeline.write_store
+    pipeline.write_store = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
     try:
         with pytest.raises(KeyboardInterrupt):
-            prep.build(cfg)
+            pipeline.build(cfg)
     finally:
-        prep.write_store = original
+        pipeline.write_store = original
     parts = [p for p in os.listdir(out + ".parts") if p.endswith(".npz")]
     assert len(parts) == 8 and not os.path.exists(out)
     for p in parts[3:]:
@@ -175,7 +175,7 @@ def dead_pid():
 
 
 def test_stale_temporary_stores_of_killed_runs_are_removed(tmp_path):
-    from mri.io import remove_stale_temporaries
+    from mri.data.io import remove_stale_temporaries
     img_dir, csv_path, _ = write_adni_cohort(str(tmp_path), n_subjects=2, extra=False)
     out = str(tmp_path / "s.h5")
     stale, live, other = f"{out}.tmp-{dead_pid()}", f"{out}.tmp-{os.getppid()}", f"{out}.tmp-notes"
@@ -184,7 +184,7 @@ def test_stale_temporary_stores_of_killed_runs_are_removed(tmp_path):
     other_store = str(tmp_path / f"t.h5.tmp-{dead_pid()}")
     for path in (stale, live, other, part_tmp, other_store):
         open(path, "wb").write(b"half a store")
-    summary = prep.build(config(img_dir, csv_path, out), log=lambda *a: None)
+    summary = pipeline.build(config(img_dir, csv_path, out), log=lambda *a: None)
     assert summary.stale == [stale] and "removed temporary stores of killed runs: 1" in summary.lines()
     assert not os.path.exists(stale) and not os.path.exists(out + ".parts")  # parts folder removed, as documented
     assert os.path.exists(live) and os.path.exists(other)  # a live process's, and no process id at all
@@ -209,7 +209,7 @@ def test_other_presets_join_their_ids(tmp_path):
     nib.save(nib.Nifti1Image(brain(), RAS_AFFINE), str(d / "OAS1_0001_MR1" / "OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.img"))
     with open(tmp_path / "oasis.csv", "w") as f:
         f.write("ID,M/F,Hand,Age,Educ,SES,MMSE,CDR\nOAS1_0001_MR1,F,R,74,2,3,29,0\n")
-    s = prep.build(prep.PrepConfig(images=str(d), csv=str(tmp_path / "oasis.csv"), out=str(tmp_path / "o.h5"),
+    s = pipeline.build(pipeline.PrepConfig(images=str(d), csv=str(tmp_path / "oasis.csv"), out=str(tmp_path / "o.h5"),
                                    preset="oasis1", attrs=("age", "sex", "cdr"), size=32, slices=4, workers=1,
                                    split=(1, 0, 0)))
     assert s.volumes == 1
@@ -218,7 +218,7 @@ def test_other_presets_join_their_ids(tmp_path):
     nib.save(nib.Nifti1Image(brain(), RAS_AFFINE), str(d / "IXI012-HH-1211-T1.nii.gz"))
     with open(tmp_path / "ixi.csv", "w") as f:
         f.write("IXI_ID,SEX_ID,AGE\n12,1,38.78\n13,2,46.71\n")
-    s = prep.build(prep.PrepConfig(images=str(d), csv=str(tmp_path / "ixi.csv"), out=str(tmp_path / "i.h5"),
+    s = pipeline.build(pipeline.PrepConfig(images=str(d), csv=str(tmp_path / "ixi.csv"), out=str(tmp_path / "i.h5"),
                                    preset="ixi", size=32, slices=4, workers=1, split=(1, 0, 0)))
     assert s.volumes == 1 and s.orphans == [("13",)]
     with SliceStore(str(tmp_path / "i.h5")) as st:

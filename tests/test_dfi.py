@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,8 +241,8 @@ def test_run_directory_loads_through_evaluate(store_path, features_run, tmp_path
     import train_dfi
     from models import check_independent, load_method
     from models.dfi import FEATURES_FILE
-    from mri.io import read_json
-    from mri.store import SliceStore
+    from mri.data.io import read_json
+    from mri.data.store import SliceStore
     out = str(tmp_path / "dfi")
     train_dfi.main(["--store", store_path, "--attrs", "age,dx", "--features", features_run, "--out", out,
                     "--k", "5", "--iterations", "5", "--seed", "2"])

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from models import baselines, load_method
-from mri import evaluation, grids, stats
-from mri.attributes import Attribute, Schema
-from mri.io import write_json
-from mri.store import SliceStore, write_store
+import evaluation
+from mri import stats
+from mri.data import grids
+from mri.data.attributes import Attribute, Schema
+from mri.data.io import write_json
+from mri.data.store import SliceStore, write_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_COUNTERFACTUAL = importlib.import_module("mri.synthetic").counterfactual   # before fake_truth patches it
@@ -174,12 +176,12 @@ def test_brain_scores_look_inside_the_source_brain_only():
     the brain gives its mean over the brain's pixels."""
     yy, xx = np.mgrid[:48, :48] - 23.5
     x = np.where(np.hypot(yy, xx) < 10, 0.3, -1.0)[None, :, :, None].repeat(2, 0).astype(np.float32)
-    brain = evaluation.brain_mask(x)
+    brain = evaluation.above_background(x)
     outside, inside = x.copy(), x.copy()
     outside[:, :6, :6] = 0.5                       # >= 16 pixels from the brain, the window reaches 5
     inside[brain] += 0.2
     change, oracle = evaluation.Change("age", "continuous"), (np.zeros(2), None)
-    score = lambda y: evaluation._score(change, x, y, x, np.zeros(2), np.ones(2), oracle, oracle,
+    score = lambda y: evaluation.protocol._score(change, x, y, x, np.zeros(2), np.ones(2), oracle, oracle,
                                         (x[..., 0], {s: brain for s in evaluation.STRUCTURES}, np.arange(2), NoAreas()))
     out, ins = score(outside), score(inside)
     assert (out["mse"] > 0).all() and (out["ssim"] < 1).all() and (out["gt_mse"] > 0).all()
@@ -390,15 +392,15 @@ def test_by_construction_scores_are_marked_and_never_ranked(planted):
     assert vs["diff"] < 0 and vs["ci"][1] < 0 and vs["verdict"] is None
     # identity's reversibility (0) against meandiff's (additive): both by construction, not ranked
     assert m["methods"]["identity"]["dx"]["vs"]["meandiff"]["reversibility_l1"]["verdict"] is None
-    assert evaluation._verdict("gt_mse", -1.0, [-2.0, -0.5], False) == "better"
-    assert evaluation._verdict("gt_mse", 1.0, [0.5, 2.0], False) == "worse"
-    assert evaluation._verdict("gt_ssim", 1.0, [0.5, 2.0], False) == "better"
-    assert evaluation._verdict("gt_mse", -1.0, [-2.0, 0.5], False) == "no difference shown"
-    assert evaluation._verdict("mse", -1.0, [-2.0, -0.5], False) is None
-    assert evaluation._verdict("gt_mse", -1.0, [-2.0, -0.5], True) is None
+    assert evaluation.protocol._verdict("gt_mse", -1.0, [-2.0, -0.5], False) == "better"
+    assert evaluation.protocol._verdict("gt_mse", 1.0, [0.5, 2.0], False) == "worse"
+    assert evaluation.protocol._verdict("gt_ssim", 1.0, [0.5, 2.0], False) == "better"
+    assert evaluation.protocol._verdict("gt_mse", -1.0, [-2.0, 0.5], False) == "no difference shown"
+    assert evaluation.protocol._verdict("mse", -1.0, [-2.0, -0.5], False) is None
+    assert evaluation.protocol._verdict("gt_mse", -1.0, [-2.0, -0.5], True) is None
     # the interval, not the point estimate, gives the side: a resampled statistic may lie outside its interval
-    assert evaluation._verdict("kid", 0.1, [-0.3, -0.05], False) == "better"
-    assert evaluation._verdict("gt_mse", -0.1, [0.05, 0.3], False) == "worse"
+    assert evaluation.protocol._verdict("kid", 0.1, [-0.3, -0.05], False) == "better"
+    assert evaluation.protocol._verdict("gt_mse", -0.1, [0.05, 0.3], False) == "worse"
 
 
 def test_meandiff_moves_towards_the_target(planted):
@@ -454,11 +456,11 @@ def test_clear_errors(planted, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def phantom_store(tmp_path_factory):
     """A small store of the real synthetic cohort at the default geometry (128 px, 32 slices 2 mm apart)."""
-    from mri import prep
+    from mri.data import pipeline
     d = tmp_path_factory.mktemp("phantom")
-    cfg = prep.PrepConfig(images=None, csv=None, out=str(d / "syn.h5"), attrs=("age", "dx"), size=128,
+    cfg = pipeline.PrepConfig(images=None, csv=None, out=str(d / "syn.h5"), attrs=("age", "dx"), size=128,
                           split=(0.34, 0.0, 0.66), workers=2, seed=2)
-    prep.build(prep.synthetic_config(cfg, 3, str(d / "volumes")), log=lambda *a: None)
+    pipeline.build(pipeline.synthetic_config(cfg, 3, str(d / "volumes")), log=lambda *a: None)
     return cfg.out
 
 
@@ -557,7 +559,7 @@ def test_a_helper_with_the_oracles_weights_is_refused_by_content(planted, tmp_pa
     import keras
     from models import check_independent
     from mri import training
-    from mri.io import read_json, weights_hash
+    from mri.data.io import read_json, weights_hash
     store, oracle_dir, _ = planted
     monkeypatch.chdir(tmp_path)
     shutil.copytree(oracle_dir, "runs/regressor")
@@ -632,8 +634,8 @@ def drawn_pairs():
         drawn[f"{change.name} references"] = match(store, test, src, targets, change, rng)
         return drawn[f"{change.name} references"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "draw_pairs", spy)
-        mp.setattr(evaluation, "matched_reference", references)
+        mp.setattr(evaluation.protocol, "draw_pairs", spy)
+        mp.setattr(evaluation.protocol, "matched_reference", references)
         yield drawn
 
 
@@ -693,10 +695,10 @@ def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted, cap
         idx = evaluation.trajectory_slices(store, 2, 3)
         x, raw = store.images(idx)[..., None], evaluation.told(store, idx, store.raw(idx))
         changes = [evaluation.change_for(store.schema[a]) for a in ("age", "dx")]
-        cols = evaluation._sweep(partial, x, raw, changes, idx)
+        cols = evaluation.figures._sweep(partial, x, raw, changes, idx)
         targets = [dict(raw, **{c.name: np.full(len(idx), v, np.float64)}) for c in changes for v in c.sweep]
         for i in range(len(idx)):
-            cells = evaluation._row(x, cols, i)[1:]
+            cells = evaluation.figures._row(x, cols, i)[1:]
             blank = [bool((cell == 255).all()) for cell, col in zip(cells, cols) if col is not None]
             assert blank == [not partial.supports(raw, t)[i] for t in targets]
             assert not all(blank)

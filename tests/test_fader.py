@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import read_checkpoint, read_log
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 TINY = ["--attrs", "age,dx,sex", "--tiny", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "5",
         "--lambda-ramp-steps", "2"]
@@ -56,7 +56,7 @@ def test_resume_is_exact(store_path, run4, tmp_path):
 
 def test_from_run_gives_identical_outputs_and_manipulate_uses_every_kind(store_path, run4):
     from models import fader, load_method
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     out, trained = run4
     loaded = load_method(out, None)
     assert isinstance(loaded, fader.Fader) and loaded.classifier is not None
@@ -85,7 +85,7 @@ def test_from_run_gives_identical_outputs_and_manipulate_uses_every_kind(store_p
 
 def test_lambda_ramp_and_classifier_switch(store_path):
     from models import fader
-    from mri.loader import Batches, dataset
+    from mri.data.loader import Batches, dataset
     schema = Batches(store_path, "train", ["age", "dx", "sex"], batch_size=4).schema
     args = dict(size=32, tiny=True, n_layers=0, n_filters=16, max_filters=512, hidden=512, dropout=0.3,
                 lat_dropout=0.3, lambda_lat=1e-4, lambda_clf=0.0, lambda_ramp_steps=100, seed=0, lr=2e-4,
@@ -120,7 +120,7 @@ def test_autoencoder_step_raises_the_latent_discriminators_loss(store_path):
     0-7 (it rises by 0.006-0.1) and with the term's sign flipped (it falls, for every seed: this test fails)."""
     import keras
     from models import fader
-    from mri.loader import Batches
+    from mri.data.loader import Batches
     batches = Batches(store_path, "train", ["dx", "sex"], batch_size=8, seed=0)
     x, y = (keras.ops.convert_to_tensor(a) for a in batches.batch(0))
     args = dict(size=32, tiny=True, n_layers=0, n_filters=16, max_filters=512, hidden=512, dropout=0.3,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import read_checkpoint, read_log
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 
 @pytest.fixture(scope="module")

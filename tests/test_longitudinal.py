@@ -7,8 +7,8 @@ import pytest
 from keras import ops
 
 from models import longitudinal
-from mri.loader import VisitPairs
-from mri.store import SliceStore
+from mri.data.loader import VisitPairs
+from mri.data.store import SliceStore
 from conftest import read_checkpoint
 from test_evaluate import write_planted_store
 

@@ -8,8 +8,8 @@ import pytest
 
 from models import oracle
 from mri import stats
-from mri.io import write_json
-from mri.store import SliceStore
+from mri.data.io import write_json
+from mri.data.store import SliceStore
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_recalibrated_batchnorm_matches_the_weights(store_path):
     """One batch: inference mode then computes exactly what training mode computes on it (moving statistics =
     that batch's); several: the first BN's moving mean is the plain mean of the batch means, weights untouched."""
     import keras
-    from mri.loader import Batches
+    from mri.data.loader import Batches
     with SliceStore(store_path) as store:
         batches = Batches(store, "train", ["age", "dx"], batch_size=4, seed=0)
         model = _tiny(batches.schema, store.size)
@@ -110,7 +110,7 @@ def keras_features(model):
 def test_fit_keeps_each_attributes_best_epoch_and_stops_on_patience(store_path, monkeypatch):
     """Scripted validation scores: age is best at epoch 1, dx at epoch 3; training stops after two epochs
     without improvement, and the composed oracle reads age with epoch 1's weights and dx with epoch 3's."""
-    from mri.loader import Batches
+    from mri.data.loader import Batches
     script = [{"age": (2.0,), "dx": (-0.4, 1.0)}, {"age": (3.0,), "dx": (-0.5, 1.2)},
               {"age": (2.5,), "dx": (-0.6, 0.9)}, {"age": (2.2,), "dx": (-0.6, 0.95)}, {"age": (2.1,), "dx": (-0.55, 1.0)},
               {"age": (0.1,), "dx": (-0.9, 0.1)}]
@@ -133,7 +133,7 @@ def test_fit_keeps_each_attributes_best_epoch_and_stops_on_patience(store_path, 
 
 
 def test_selection_scores_rank_lower_is_better():
-    from mri.attributes import Attribute, Schema
+    from mri.data.attributes import Attribute, Schema
     schema = Schema([Attribute("age", "continuous", mean=70.0, std=10.0), Attribute("dx", "categorical", ["CN", "MCI", "AD"])])
     truth = {"age": np.array([60.0, 70.0, 80.0, 90.0]), "dx": np.array([0, 0, 0, 1])}
     idx = np.arange(4)
@@ -188,7 +188,7 @@ def test_same_seed_same_oracle(runs, store_path):
 
 
 def test_save_load_gives_identical_predictions(store_path, tmp_path):
-    from mri.loader import Batches
+    from mri.data.loader import Batches
     with SliceStore(store_path) as store:
         train = Batches(store, "train", ["age", "dx"], batch_size=4, seed=0)
         model = oracle.compile_for(oracle.build(train.schema, store.size, **oracle.TINY), train.schema)

@@ -1,4 +1,4 @@
-"""The realism statistics (mri/realism.py), the shipped reference brains and the report (bench/realism.py)."""
+"""The realism statistics (mri/realism.py), the shipped reference brains and the report (tools/realism.py)."""
 import importlib.util
 import json
 import os
@@ -9,15 +9,16 @@ import pytest
 from scipy import ndimage
 
 from conftest import RAS_AFFINE, brain
-from mri import realism
-from mri.grids import read_png_size
+from mri.synthetic import realism
+from mri.data import tissue
+from mri.data.grids import read_png_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "reference", "real_slices.npz")
 
 
-def bench(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+def script(folder, name):
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -65,7 +66,7 @@ def test_orientation_separates_radial_spokes_from_meanders():
     out = {}
     for kind in ("spokes", "meander"):
         slab = ring(kind)
-        mask = realism.brain_mask(slab)
+        mask = tissue.filled_foreground(slab)
         hist, out[kind] = realism.orientation(slab, mask, realism.depth_map(mask, 1.0))
         assert hist.sum() == pytest.approx(1.0)
     assert out["spokes"] < -0.8                 # gradients across radial spokes are tangential
@@ -108,7 +109,7 @@ def test_shipped_reference_geometry_and_licences():
 
 
 def write_reference(tmp_path, store_path):
-    """Two small 'real' brains cut at the tiny store's geometry by bench/make_reference.py."""
+    """Two small 'real' brains cut at the tiny store's geometry by reference/make_reference.py."""
     paths = []
     for seed in (11, 12):
         p = str(tmp_path / f"real{seed}.nii.gz")
@@ -116,7 +117,7 @@ def write_reference(tmp_path, store_path):
         paths.append(p)
     nib.save(nib.Nifti1Image((brain(seed=11) > 700).astype(np.float32), RAS_AFFINE), str(tmp_path / "wm.nii.gz"))
     out = str(tmp_path / "ref.npz")
-    bench("make_reference").main(["--store", store_path, "--out", out, "--brain", f"a={paths[0]}",
+    script("reference", "make_reference").main(["--store", store_path, "--out", out, "--brain", f"a={paths[0]}",
                                   "--brain", f"b={paths[1]}", "--tissue", f"a:wm={tmp_path / 'wm.nii.gz'}"])
     return out
 
@@ -126,7 +127,7 @@ def test_report_end_to_end_on_a_tiny_store(tmp_path, store_path, capsys):
     loaded = realism.load_reference(ref)
     assert (loaded["size"], loaded["n_slices"]) == (32, 4) and "wm" in loaded["brains"]["a"]["tissue"]
     out, fig = str(tmp_path / "report"), str(tmp_path / "fig.png")
-    bench("realism").main(["--store", store_path, "--reference", ref, "--n-subjects", "3", "--out", out,
+    script("tools", "realism").main(["--store", store_path, "--reference", ref, "--n-subjects", "3", "--out", out,
                            "--figure", fig])
     result = json.load(open(os.path.join(out, "realism.json")))
     assert len(result["subjects"]) == 3 and len({s["subject"] for s in result["subjects"]}) == 3
@@ -144,10 +145,10 @@ def test_report_end_to_end_on_a_tiny_store(tmp_path, store_path, capsys):
 
 
 def test_clear_errors_for_missing_or_mismatched_inputs(tmp_path, store_path):
-    script = bench("realism")
+    realism_script = script("tools", "realism")
     with pytest.raises(SystemExit, match="no such file.*make_reference"):
-        script.main(["--store", store_path, "--reference", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
+        realism_script.main(["--store", store_path, "--reference", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="cannot open store.*data_prep.py"):
-        script.main(["--store", str(tmp_path / "none.h5"), "--out", str(tmp_path)])
+        realism_script.main(["--store", str(tmp_path / "none.h5"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"real_slices.npz holds 128x128.*32x32.*make_reference.py --store"):
-        script.main(["--store", store_path, "--reference", SHIPPED, "--out", str(tmp_path)])
+        realism_script.main(["--store", store_path, "--reference", SHIPPED, "--out", str(tmp_path)])

@@ -5,7 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mri import register, synthetic
+from mri import synthetic
+from mri.data import register
 
 SEED = 4242
 
@@ -78,14 +79,14 @@ def _two_visit_cohort(folder, truth):
 
 
 def test_data_prep_cuts_every_visit_with_the_first_visits_plan(tmp_path):
-    from mri import prep
-    from mri.store import SliceStore
+    from mri.data import pipeline
+    from mri.data.store import SliceStore
     truth = register.matrix(np.r_[np.radians([3.0, -2.0, 4.0]), [3.0, -4.0, 2.0]], np.zeros(3))
     csv_path = _two_visit_cohort(str(tmp_path / "vols"), truth)
     mse = {}
     for registered in (True, False):
         out = str(tmp_path / f"s{registered}.h5")
-        prep.build(prep.PrepConfig(images=str(tmp_path / "vols"), csv=csv_path, out=out, attrs=("age",), size=64,
+        pipeline.build(pipeline.PrepConfig(images=str(tmp_path / "vols"), csv=csv_path, out=out, attrs=("age",), size=64,
                                    slices=8, spacing=6.0, workers=1, split=(1.0, 0.0, 0.0), register=registered),
                    log=lambda *a: None)
         with SliceStore(out) as store:
@@ -110,11 +111,11 @@ def test_synthetic_visits_align_and_differ_by_the_true_change(tmp_path):
     minus the first visit's follow the true change (the first visit re-rendered at the follow-up's age and
     diagnosis, same noise) far better than the same difference one pixel off."""
     from scipy import ndimage
-    from mri import prep
-    from mri.store import SliceStore
-    cfg = prep.PrepConfig(images="", csv="", out=str(tmp_path / "s.h5"), size=64, slices=8, spacing=6.0, workers=1,
+    from mri.data import pipeline
+    from mri.data.store import SliceStore
+    cfg = pipeline.PrepConfig(images="", csv="", out=str(tmp_path / "s.h5"), size=64, slices=8, spacing=6.0, workers=1,
                           split=(1.0, 0.0, 0.0))
-    prep.build(prep.synthetic_config(cfg, 2, str(tmp_path / "vols"), visits=("bl", "m72")), log=lambda *a: None)
+    pipeline.build(pipeline.synthetic_config(cfg, 2, str(tmp_path / "vols"), visits=("bl", "m72")), log=lambda *a: None)
     with SliceStore(cfg.out) as store:
         for subject in np.unique(store.subject):
             bl, fu = (np.flatnonzero((store.subject == subject) & (store.visit == v)) for v in ("bl", "m72"))

@@ -18,10 +18,11 @@ import pytest
 from scipy import ndimage
 
 from conftest import as_lps, as_permuted, brain, write_adni_cohort
-from mri import simulation
-from mri.preprocess import (apply_plan, load_canonical, process_file, sample_grid, slab_to_volume, to_native,
+import simulation
+from mri.data import tissue
+from mri.data.volumes import (apply_plan, load_canonical, process_file, sample_grid, slab_to_volume, to_native,
                             volume_to_slab)
-from mri.store import SliceStore
+from mri.data.store import SliceStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # anisotropic voxels, origin off-centre: the output grid (square pixels, 2 mm slices) differs from the input's
@@ -161,7 +162,7 @@ def test_a_residual_method_returns_the_source_at_its_own_attributes(fader_output
 
 
 def test_trajectory_picture_and_record(fader_outputs, store_path):
-    from mri.grids import read_png_size
+    from mri.data.grids import read_png_size
     size, slices, _ = geometry(store_path)
     out = fader_outputs["ras"]
     rows = {min(slices - 1, int(f * slices)) for f in simulation.PICTURE_SLICES}
@@ -273,20 +274,20 @@ def test_tissue_measures_on_known_classes():
     inside[:, 2:18, 2:18] = True
     values = np.resize(np.repeat(levels, [60, 100, 96]), inside.sum())   # 256 voxels a slice
     slab[inside] = values
-    mask = simulation.brain_mask(slab)
+    mask = tissue.filled_foreground(slab)
     assert (mask == inside).all()
-    found = simulation.tissue_levels(slab[mask])
+    found = tissue.tissue_levels(slab[mask])
     np.testing.assert_allclose(found, levels, atol=1e-12)
-    m = simulation.measures(slab, mask, found, voxel_ml=0.002)
+    m = tissue.measures(slab, mask, found, voxel_ml=0.002)
     n = mask.sum()
     assert m["bpf"] == pytest.approx((values != levels[0]).mean()) and m["brain_ml"] + m["csf_ml"] == pytest.approx(n * 0.002)
     atrophied = slab.copy()
     gm = np.flatnonzero(atrophied == levels[1])[:40]
     atrophied.flat[gm] = levels[0]
-    assert simulation.measures(atrophied, mask, found, 0.002)["bpf"] - m["bpf"] == pytest.approx(-40 / n)
+    assert tissue.measures(atrophied, mask, found, 0.002)["bpf"] - m["bpf"] == pytest.approx(-40 / n)
     halfway = slab.copy()
     halfway.flat[gm] = (levels[0] + levels[1]) / 2          # partial volume: half tissue
-    assert simulation.measures(halfway, mask, found, 0.002)["bpf"] - m["bpf"] == pytest.approx(-20 / n)
+    assert tissue.measures(halfway, mask, found, 0.002)["bpf"] - m["bpf"] == pytest.approx(-20 / n)
 
 
 def test_bad_input_stops_with_the_fix(fader_run, store_path, scans, tmp_path, capsys):
@@ -325,10 +326,10 @@ def test_bad_input_stops_with_the_fix(fader_run, store_path, scans, tmp_path, ca
     json.dump(config, open(broken / "config.json", "w"))
     with pytest.raises(SystemExit, match="slice geometry .* is not known.*give --slices and --spacing"):
         simulate("--method", broken, *common, "--source", "age=70,dx=CN", "--age", "80")
-    from mri import prep
+    from mri.data import pipeline
     img_dir, csv_path, _ = write_adni_cohort(str(tmp_path / "c16"), n_subjects=2, extra=False)
     small = str(tmp_path / "s16.h5")
-    prep.build(prep.PrepConfig(images=img_dir, csv=csv_path, out=small, attrs=("age", "dx"), size=16, slices=4,
+    pipeline.build(pipeline.PrepConfig(images=img_dir, csv=csv_path, out=small, attrs=("age", "dx"), size=16, slices=4,
                                workers=1, split=(1, 0, 0)), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"takes 32x32 slices but the store .*s16.h5 holds 16x16.*--size 32"):
         simulate(*method, "--store", small, "--subject", "002_S_0000", "--age", "80", "--out", tmp_path / "o")

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from mri.attributes import Attribute, Schema
-from mri.loader import Batches, make_dataset
-from mri.store import SliceStore, StoreError
+from mri.data.attributes import Attribute, Schema
+from mri.data.loader import Batches, make_dataset
+from mri.data.store import SliceStore, StoreError
 from conftest import build_store
 
 

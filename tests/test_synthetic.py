@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from mri import synthetic as syn
-from mri.grids import read_png_size
+from mri.data.grids import read_png_size
 
 SEED = 11  # the subject most tests look at
 # sha256 (first 16 hex digits) of render(*args) (volume bytes, then the masks in name order), computed with the
@@ -34,7 +34,7 @@ def render_hash(*args, **kwargs):
 
 
 def test_version_1_renders_are_unchanged():
-    syn._anatomy.cache_clear()
+    syn.anatomy._anatomy.cache_clear()
     for args, digest in V1_RENDERS.items():
         assert render_hash(*args, version=1) == digest, args
     args, digest = next(iter(V1_RENDERS.items()))
@@ -46,7 +46,7 @@ def test_version_1_renders_are_unchanged():
 @pytest.mark.parametrize("version", syn.VERSIONS)
 def test_render_is_deterministic_and_well_formed(version):
     vol, masks = syn.render(SEED, 70.0, 1.0, noise_seed=3, version=version)
-    syn._anatomy.cache_clear()  # rebuild the subject from scratch
+    syn.anatomy._anatomy.cache_clear()  # rebuild the subject from scratch
     again, _ = syn.render(SEED, 70.0, 1.0, noise_seed=3, version=version)
     assert vol.dtype == np.float32 and vol.shape == syn.SHAPE
     assert vol.tobytes() == again.tobytes()
@@ -219,17 +219,17 @@ def test_figure_aging(tmp_path, version):
 
 @pytest.fixture(scope="module", params=syn.VERSIONS)
 def synthetic_store(tmp_path_factory, request):
-    from mri import prep
+    from mri.data import pipeline
     d = tmp_path_factory.mktemp("synstore")
-    cfg = prep.PrepConfig(images="", csv="", out=str(d / "s.h5"), size=32, slices=6, spacing=8.0, workers=1,
+    cfg = pipeline.PrepConfig(images="", csv="", out=str(d / "s.h5"), size=32, slices=6, spacing=8.0, workers=1,
                           split=(0.5, 0.25, 0.25))
-    cfg = prep.synthetic_config(cfg, 4, str(d / "vols"), version=request.param)
-    prep.build(cfg, log=lambda *a: None)
+    cfg = pipeline.synthetic_config(cfg, 4, str(d / "vols"), version=request.param)
+    pipeline.build(cfg, log=lambda *a: None)
     return cfg.out, request.param
 
 
 def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     path, version = synthetic_store
     with SliceStore(path) as st:
         assert st.schema.names == ["age", "dx", "adas13", "mmse", "faq", "sex", "educ"]
@@ -255,7 +255,7 @@ def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
 def test_counterfactual_of_a_store_from_before_versions_is_version_1(synthetic_store):
     """A store without csv/synthetic_version (built before versions existed) re-renders with version 1."""
     import h5py
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     path, _ = synthetic_store
     old = path.replace(".h5", "-unversioned.h5")
     with h5py.File(path) as src, h5py.File(old, "w") as dst:

@@ -1,12 +1,11 @@
 """The shared training pieces (mri/training.py): checkpoints, the run directory, --jit, sweep grids, batches."""
 import argparse
-import json
 
 import numpy as np
 import pytest
 
 from mri import training
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 
 def schema():
@@ -72,7 +71,7 @@ def test_run_refuses_to_overwrite_and_to_resume_with_other_arguments(tmp_path):
         training.Run(out, "fader", args(resume=True), schema(), resume=True)
     run = training.Run(out, "fader", args(), schema())
     assert training.load_config(out)["method"] == "fader" and "resume" not in run.config["args"]
-    assert Schema.from_json(json.dumps(training.load_config(out)["schema"])).names == ["age", "dx", "sex"]
+    assert Schema.from_records(training.load_config(out)["schema"]).names == ["age", "dx", "sex"]
     open(run.checkpoint, "wb").close()
     with pytest.raises(SystemExit, match="already holds a run"):
         training.Run(out, "fader", args(), schema())

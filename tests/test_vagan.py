@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import read_checkpoint, read_log
-from mri.attributes import Attribute, Schema
+from mri.data.attributes import Attribute, Schema
 
 TINY = ["--attrs", "age,dx,sex", "--tiny", "--batch-size", "4", "--steps-per-epoch", "1", "--seed", "3",
         "--n-critic", "2", "--n-critic-long", "3", "--critic-warmup", "1", "--critic-retune", "3"]
@@ -136,7 +136,7 @@ def test_tiny_run_logs_and_resume_is_exact(store_path, regressor, run4, tmp_path
 
 def test_reloaded_run_manipulates_every_attribute_kind(store_path, run4):
     from models import load_method
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     out, trained = run4
     with SliceStore(store_path) as store:
         idx = store.indices("test")[:4]

@@ -1,7 +1,7 @@
 """Benchmark data_prep.py on 1 mm volumes (182 x 218 x 182, int16, gzip): volumes per second and peak RSS
 for 10 and 40 volumes. Memory must not grow with the number of volumes.
 
-    python bench/data_prep.py [--counts 10,40] [--workers 2] [--work /tmp/bench_data_prep]
+    python bench/pipeline.py [--counts 10,40] [--workers 2] [--work /tmp/bench_data_prep]
 """
 import argparse
 import csv
@@ -55,7 +55,7 @@ def run(folder, n, workers):
         os.remove(out)
     code = (
         "import resource, sys, time; sys.path.insert(0, %r)\n"
-        "from mri.prep import PrepConfig, build\n"
+        "from mri.data.pipeline import PrepConfig, build\n"
         "t = time.perf_counter()\n"
         "build(PrepConfig(images=%r, csv=%r, out=%r, attrs=('age', 'dx'), workers=%d), log=lambda *a: None)\n"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"

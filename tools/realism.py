@@ -1,6 +1,6 @@
 """Realism report: the synthetic cohort against real T1 brains cut by the same preprocessing.
 
-    python bench/realism.py --store data/synthetic.h5 [--reference reference/real_slices.npz] [--n-subjects 20] \
+    python tools/realism.py --store data/synthetic.h5 [--reference reference/real_slices.npz] [--n-subjects 20] \
         [--out reports/realism] [--figure docs/realism_slices.png]
 
 Every statistic (mri/realism.py defines them) is computed per brain: on one visit (the first stored) of each of
@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mri import realism  # noqa: E402
-from mri.io import exit_on, write_json  # noqa: E402
+from mri.synthetic import realism  # noqa: E402
+from mri.data.io import exit_on, write_json  # noqa: E402
+from mri.data.tissue import filled_foreground  # noqa: E402
 
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference",
                                  "real_slices.npz")
@@ -31,7 +32,7 @@ FIGURE_SUBJECTS = 3
 
 def store_geometry(store):
     """(size, slices, spacing) of a store: its provenance, else the first volume's plan."""
-    from mri.simulation import store_geometry as recorded
+    from mri.data.scans import store_geometry as recorded
     g = recorded(store)
     if g is not None:
         return store.size, int(g[0]), float(g[1])
@@ -61,7 +62,7 @@ def pick_volumes(store, n_subjects, n_slices):
 
 def figure(path, synthetic_slabs, reference, n_levels=FIGURE_LEVELS):
     """Rows: axial positions, inferior to superior; columns: synthetic subjects | gap | real brains."""
-    from mri.grids import tile, to_uint8, write_png
+    from mri.data.grids import tile, to_uint8, write_png
     n = len(synthetic_slabs[0])
     levels = sorted(set(np.linspace(n / 8, n - 1 - n / 8, n_levels).round().astype(int)))
     left = tile([[to_uint8(s[k]) for s in synthetic_slabs] for k in levels])
@@ -130,7 +131,7 @@ def shown(path):
 
 
 def run(store_path, reference_path, n_subjects=20, out=None, figure_path=None, n_bands=4, log=print):
-    from mri.store import SliceStore
+    from mri.data.store import SliceStore
     started = time.time()
     reference_path = shown(reference_path)
     reference = realism.load_reference(reference_path)
@@ -151,7 +152,7 @@ def run(store_path, reference_path, n_subjects=20, out=None, figure_path=None, n
     checks = {}
     for n, b in reference["brains"].items():
         if {"gm", "wm"} <= set(b["tissue"]):
-            mask = realism.brain_mask(b["slices"])
+            mask = filled_foreground(b["slices"])
             gm, wm = float(b["tissue"]["gm"][mask].mean()), float(b["tissue"]["wm"][mask].mean())
             checks[n] = {"gm": gm, "wm": wm, "rest": 1 - gm - wm,
                          "classes": [real[n]["frac_csf"], real[n]["frac_gm"], real[n]["frac_wm"]]}
@@ -188,13 +189,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="the slice store to assess (e.g. data/synthetic.h5)")
     p.add_argument("--reference", default=DEFAULT_REFERENCE,
-                   help="real brains cut at the store's geometry (bench/make_reference.py); default: the shipped one")
+                   help="real brains cut at the store's geometry (reference/make_reference.py); default: the shipped one")
     p.add_argument("--n-subjects", type=int, default=20, help="synthetic subjects (one visit each)")
     p.add_argument("--bands", type=int, default=4, help="position bands of the intensity distribution")
     p.add_argument("--out", default="reports/realism", help="folder for report.md and realism.json")
     p.add_argument("--figure", help="also write the comparison figure (PNG) here, e.g. docs/realism_slices.png")
     args = p.parse_args(argv)
-    from mri.store import StoreError
+    from mri.data.store import StoreError
     with exit_on(realism.ReferenceError, StoreError, ValueError):
         result = run(args.store, args.reference, args.n_subjects, args.out, args.figure, args.bands)
     print(markdown(result))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mri.store import SliceStore
+from mri.data.store import SliceStore
 
 
 class Batches:

@@ -32,26 +32,23 @@ zero reconstruction error) are marked and never ranked. A method that makes only
 models/__init__.py: CycleGAN between two domains) is scored on the pairs it makes, their number reported, and
 compared on the pairs both sides make; its other trajectory cells are blank.
 """
-import os
-import re
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-from scipy import linalg, ndimage
 
-from mri import grids, stats
+from mri import stats
+from evaluation.metrics import above_background, frechet_distance, l1, mse, ssim
+from evaluation.truth import STRUCTURES, GroundTruth
+from models import supported
+from models.baselines import FLOOR_BY_CONSTRUCTION
+from mri.synthetic import is_synthetic
+
 
 AGE_PROTOCOL = dict(shift=10.0, bounds=(55.0, 95.0), tolerance=5.0, sweep=tuple(range(60, 91, 5)))
 REPEATS = 5            # composition: applications of the unchanged-attribute manipulation
-DIFF_SCALE = 0.5       # difference maps saturate at this intensity change ([-1, 1] images)
-ROI_DILATION = 2       # pixels around the true structure masks: the reach of the renderer's blur (GroundTruth)
-MOVED = 1e-4           # a change of a true mask fraction above this is a moved boundary (GroundTruth)
-STRUCTURES = ("ventricles", "hippocampus")
 FD_MIN_RATIO = 4       # Fréchet distance only with at least this many pairs per feature dimension
 N_BOOT = 1000          # bootstrap resamples
-BACKGROUND = -1.0 + 1e-3   # brain mask: source pixels above the background value (-1)
 # +1: higher is better, -1: lower is better; metrics not listed (MSE/SSIM to the source, area bias) have no
 # better direction, so their paired differences get no verdict
 DIRECTION = {"mae": -1, "oracle_shift": 1, "accuracy": 1, "target_prob_shift": 1, "reversibility_l1": -1,
@@ -60,73 +57,6 @@ DIRECTION = {"mae": -1, "oracle_shift": 1, "accuracy": 1, "target_prob_shift": 1
              "reconstruction_mse": -1, "composition_l1": -1}
 REFERENCES = ("meandiff", "identity")
 # the no-change floor (and the identity method) is perfect on these by construction
-FLOOR_BY_CONSTRUCTION = ("mse", "ssim", "mse_brain", "ssim_brain", "reversibility_l1", "oracle_shift",
-                         "target_prob_shift", "reconstruction_mse", "composition_l1")
-
-
-# --- image metrics ------------------------------------------------------------------------------------
-def ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03, mask=None):
-    """Mean SSIM of each image pair (Wang et al. 2004, IEEE TIP 13:600), (N, H, W[, 1]) -> (N,).
-    Gaussian window 11x11 with sigma 1.5, averaged over the window positions inside the image, or over those
-    centred on `mask` (N, H, W) pixels (NaN for an empty mask)."""
-    x = np.asarray(x, np.float64).reshape(len(x), *np.shape(x)[1:3])
-    y = np.asarray(y, np.float64).reshape(x.shape)
-    g = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
-    g /= g.sum()
-
-    def blur(z):
-        z = np.lib.stride_tricks.sliding_window_view(z, size, axis=1) @ g
-        return np.lib.stride_tricks.sliding_window_view(z, size, axis=2) @ g
-
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    if mask is None:
-        return s.mean(axis=(1, 2))
-    h = size // 2
-    m = np.asarray(mask, bool).reshape(x.shape)[:, h:h + s.shape[1], h:h + s.shape[2]]
-    with np.errstate(invalid="ignore"):
-        return (s * m).sum(axis=(1, 2)) / m.sum(axis=(1, 2))
-
-
-def mse(x, y, mask=None):
-    d = (np.asarray(x, np.float64) - np.asarray(y, np.float64).reshape(np.shape(x))) ** 2
-    axes = tuple(range(1, np.ndim(x)))
-    if mask is None:
-        return d.mean(axis=axes)
-    m = np.asarray(mask, bool).reshape(d.shape)
-    with np.errstate(invalid="ignore"):
-        return (d * m).sum(axis=axes) / m.sum(axis=axes)
-
-
-def l1(x, y):
-    return np.mean(np.abs(np.asarray(x, np.float64) - y), axis=tuple(range(1, np.ndim(x))))
-
-
-def brain_mask(images):
-    """The brain of each source image: its pixels above the background value, (N, S, S) bool."""
-    x = np.asarray(images)
-    return x.reshape(len(x), *x.shape[1:3]) > BACKGROUND
-
-
-def frechet_distance(a, b, eps=1e-6):
-    """Fréchet distance between Gaussians fitted to two feature sets (Dowson & Landau 1982; the FID of
-    Heusel et al. 2017): |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). When the product is singular
-    (fewer samples than dimensions) eps*I is added to both covariances, as in pytorch-fid; the matrix square
-    root's negligible imaginary part is dropped. Biased and noisy with few samples: see FD_MIN_RATIO."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ca, cb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():   # singular products are handled below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        root = linalg.sqrtm(ca @ cb)
-        if not np.isfinite(root).all():
-            offset = eps * np.eye(len(ca))
-            root = linalg.sqrtm((ca + offset) @ (cb + offset))
-    d = a.mean(0) - b.mean(0)
-    return float(max(d @ d + np.trace(ca) + np.trace(cb) - 2 * np.trace(root.real), 0.0))
-
-
 # --- protocol -------------------------------------------------------------------------------------------
 @dataclass
 class Change:
@@ -187,97 +117,8 @@ def matched_reference(store, test, src, targets, change, rng):
 
 
 # --- ground truth (synthetic stores) ---------------------------------------------------------------------
-class GroundTruth:
-    """True counterfactuals (mri.synthetic.counterfactual) and structure areas measured from images.
-
-    Area measure, applied alike to every method's image and to the true counterfactual (so `truth` has zero
-    error): a partial-volume estimate from three intensity levels of the sampled source slices, the medians
-    inside their true ventricles (L_csf), brain parenchyma (L_brain) and hippocampus (L_hip). Intensities are
-    clipped to [L_csf, L_brain]; a pixel then holds (L_brain - x) / (L_brain - L_csf) of ventricle and
-    (x - L_csf) / (L_hip - L_csf) of hippocampus (linear in intensity, so the renderer's blur, which spreads
-    a structure's change into brighter neighbours, is counted where it lands). Each area is summed over a
-    region of interest, times the pixel area in mm²: the union of the structure's true masks at the source
-    and at the target attributes, grown by ROI_DILATION pixels (the reach of the blur), without the pixels
-    where another boundary moves (the true brain mask changes there other than by the structure itself:
-    the other structure, sulci, the third ventricle), and for the hippocampus without the ventricles' union.
-    Measured change against true mask change on rendered slices: slope 1 +- 0.1 for both structures in every
-    direction the protocol changes (age -10, +10, -15, +15 years; diagnosis to each class; tests/test_evaluate.py).
-    A method's change error is area(method image) - area(true counterfactual) (the source's area, measured in
-    the same region, cancels): its mean is the bias, its mean absolute value the error. Pairs whose region is
-    empty are left out.
-    """
-
-    def __init__(self, store, sample, batch_size):
-        self.store, self.sample = store, sample
-        masks, rest = {s: [] for s in STRUCTURES}, {s: [] for s in STRUCTURES}
-        inside = {"ventricles": [], "brain": [], "hippocampus": []}
-        for i in range(0, len(sample), batch_size):
-            idx = sample[i:i + batch_size]
-            truth = self._render(idx, {})
-            x = store.images(idx)
-            for s in STRUCTURES:
-                masks[s].append(truth["masks"][s])
-                rest[s].append(_rest_of_brain(truth["fractions"], s))
-            for s in inside:
-                inside[s].append(x[truth["fractions"][s] > 0.99])
-        self.source_masks = {s: np.concatenate(masks[s]) for s in STRUCTURES}
-        self.source_rest = {s: np.concatenate(rest[s]) for s in STRUCTURES}
-        levels = {}
-        for s in inside:
-            values = np.concatenate(inside[s])
-            if values.size == 0:
-                raise ValueError(f"{store.path}: no pixels fully inside the {s} in the {len(sample)} sampled test "
-                                 "slices, so the area measure has no intensity level; evaluate more slices (--n)")
-            levels[s] = float(np.median(values))
-        self.csf_level, self.brain_level, self.hippocampus_level = (levels[k] for k in ("ventricles", "brain", "hippocampus"))
-        side = np.array([store.plan(v)["side_mm"] for v in range(int(store.volume.max()) + 1)])
-        self.pixel_mm2 = (side / store.size) ** 2
-
-    def _render(self, idx, target):
-        from mri import synthetic
-        out = synthetic.counterfactual(self.store, idx, age=target.get("age"), dx=target.get("dx"), masks=True)
-        out["fractions"] = {s: np.asarray(out["masks"][s]) for s in ("brain", *STRUCTURES)}
-        out["masks"] = {s: f > 0 for s, f in out["fractions"].items()}
-        return out
-
-    def target(self, idx, target):
-        """(true counterfactual images (N, S, S), regions of interest {structure: (N, S, S) bool})."""
-        truth = self._render(idx, target)
-        rows = np.searchsorted(self.sample, idx)
-        union = {s: self.source_masks[s][rows] | truth["masks"][s] for s in STRUCTURES}
-        grow = np.zeros((3, 3, 3), bool)
-        grow[1] = ndimage.generate_binary_structure(2, 1)
-        roi = {}
-        for s in STRUCTURES:
-            moved = np.abs(_rest_of_brain(truth["fractions"], s) - self.source_rest[s][rows]) > MOVED
-            roi[s] = (ndimage.binary_dilation(union[s], grow, ROI_DILATION) if ROI_DILATION else union[s]) & ~moved
-        roi["hippocampus"] &= ~union["ventricles"]
-        return np.asarray(truth["images"], np.float32), roi
-
-    def areas(self, images, roi, idx):
-        """{structure: (N,) area in mm²} measured from images inside the regions of interest."""
-        x = np.clip(np.asarray(images, np.float64).reshape(roi["ventricles"].shape), self.csf_level, self.brain_level)
-        share = {"ventricles": (self.brain_level - x) / (self.brain_level - self.csf_level),
-                 "hippocampus": (x - self.csf_level) / (self.hippocampus_level - self.csf_level)}
-        px = self.pixel_mm2[self.store.volume[idx]]
-        return {s: (share[s] * roi[s]).sum((1, 2)) * px for s in STRUCTURES}
-
-
-def _rest_of_brain(fractions, structure):
-    """The true brain fraction with the structure's own part taken out (the brain mask holds the hippocampus,
-    not the ventricles): where it changes, a boundary other than the structure's moves."""
-    sign = -1.0 if structure == "hippocampus" else 1.0
-    return (fractions["brain"] + sign * fractions[structure]).astype(np.float32)
-
-
-# --- per-pair scores ---------------------------------------------------------------------------------------
 FLOOR = "no change (source)"
 TRUTH_ATTRS = ("age", "dx")   # what the synthetic phantom can re-render
-
-
-def is_synthetic(store):
-    """Whether the store was built from the synthetic cohort (it keeps the phantom's subject seeds)."""
-    return "csv/subject_seed" in store.file
 
 
 def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=None):
@@ -285,7 +126,7 @@ def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=Non
     oracle_* = (prediction in raw units, probability of the target class or None) of x and of y;
     truth = (true images, regions of interest, indices, GroundTruth) on synthetic stores."""
     (pred_src, p_src), (pred, p) = oracle_src, oracle_out
-    brain = brain_mask(x)
+    brain = above_background(x)
     out = {"mse": mse(y, x), "ssim": ssim(y, x), "mse_brain": mse(y, x, brain), "ssim_brain": ssim(y, x, mask=brain),
            "reversibility_l1": l1(back, x)}
     if change.kind == "continuous":
@@ -308,12 +149,6 @@ def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=Non
 def _features(oracle, store, idx, batch_size):
     return np.concatenate([oracle.features(store.images(idx[i:i + batch_size]), batch_size)
                            for i in range(0, len(idx), batch_size)])
-
-
-def supported(method, source, target, n):
-    """(n,) bool: the changes `method` makes (its `supports`, models/__init__.py; every change without one)."""
-    supports = getattr(method, "supports", None)
-    return np.ones(n, bool) if supports is None else np.asarray(supports(source, target), bool).reshape(n)
 
 
 def told(store, idx, raw):
@@ -582,188 +417,3 @@ def describe(change, attribute):
 
 
 # --- trajectories -------------------------------------------------------------------------------------------
-def trajectory_slices(store, k, seed):
-    """One slice for each of k seeded test subjects: their first stored volume, at the middle slice position."""
-    rng = np.random.default_rng([seed, 1])
-    test = store.indices("test")
-    subjects = np.unique(store.subject[test])
-    mid = np.median(np.unique(store.slice[test]))
-    out = []
-    for s in np.sort(rng.choice(subjects, min(k, len(subjects)), replace=False)):
-        rows = test[store.subject[test] == s]
-        rows = rows[store.volume[rows] == store.volume[rows].min()]
-        out.append(rows[np.argmin(np.abs(store.slice[rows] - mid))])
-    return np.array(out)
-
-
-def _sweep(method, x, raw, changes, idx):
-    """Columns (each (k, S, S) images, None = a gap between attributes, NaN = a change the method does not
-    make) of every attribute's sweep of the store's slices idx (images x, told `raw`)."""
-    cols = []
-    for c in changes:
-        if cols:
-            cols.append(None)
-        for v in c.sweep:
-            target = dict(raw, **{c.name: np.full(len(x), v, np.float64)})
-            ok = supported(method, raw, target, len(x))
-            cols.append(np.where(ok[:, None, None], manipulated(method, x, raw, target, ok, idx)[..., 0], np.nan))
-    return cols
-
-
-def _row(x, cols, i, diff=False):
-    blank = np.full(x.shape[1:3], 255, np.uint8)
-    gap = lambda c: c is None or np.isnan(c[i]).any()
-    if diff:
-        return [blank] + [blank if gap(c) else grids.diverging(c[i] - x[i, ..., 0], DIFF_SCALE) for c in cols]
-    return [grids.to_uint8(x[i, ..., 0])] + [blank if gap(c) else grids.to_uint8(c[i]) for c in cols]
-
-
-def slug(name):
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-
-
-def draw_trajectories(store, methods, changes, out_dir, seed=0, n_subjects=4, truth=None):
-    """Write one PNG per method and a combined one; returns [{"file", "caption"}].
-
-    Rows per subject: the method, its difference from the source, and (synthetic stores, given `truth`) the
-    true counterfactual and its difference. Columns: the source, then each attribute's sweep (age 60..90 in
-    steps of 5 at the subject's other attributes; every class of a categorical one), a blank between them.
-    Cells of changes a method does not make (its `supports`) are blank."""
-    idx = trajectory_slices(store, n_subjects, seed)
-    k = len(idx)
-    x = store.images(idx)[..., None]
-    raw = told(store, idx, store.raw(idx))
-    sweeps = {m: _sweep(method, x, raw, changes, idx) for m, method in methods.items()}
-    true = sweeps.get("truth") or (_sweep(truth, x, raw, changes, idx) if truth else None)
-    columns = "source | " + " | ".join(
-        f"{c.name} " + ", ".join(store.schema[c.name].label(v) for v in c.sweep) for c in changes)
-    scale = f"difference maps: red brighter, blue darker than the source, saturating at +-{DIFF_SCALE}"
-    figures = []
-    for m, cols in sweeps.items():
-        rows = []
-        for i in range(k):
-            rows += [_row(x, cols, i), _row(x, cols, i, diff=True)]
-            if true is not None and m != "truth":
-                rows += [_row(x, true, i), _row(x, true, i, diff=True)]
-        kinds = f"{m}, {m} - source" + (", truth, truth - source" if true is not None and m != "truth" else "")
-        figures.append(_write(out_dir, f"trajectories_{slug(m)}_n{k}.png", grids.tile(rows),
-                              f"{m}: {k} test subjects (seed {seed}); rows per subject: {kinds}; "
-                              f"columns: {columns}; {scale}{blanks([m], methods)}"))
-    combined = ({"truth": true} if true is not None and "truth" not in sweeps else {}) | sweeps
-    rows = [_row(x, cols, i) for i in range(k) for cols in combined.values()]
-    figures.append(_write(out_dir, f"trajectories_all_n{k}.png", grids.tile(rows),
-                          f"all methods: {k} test subjects (seed {seed}); rows per subject: {', '.join(combined)}; "
-                          f"columns: {columns}{blanks(methods, methods)}"))
-    return figures
-
-
-def blanks(names, methods):
-    """The caption's note on the blank cells of methods that make only some changes ("" when none does)."""
-    partial = [m for m in names if hasattr(methods[m], "supports")]
-    return f"; blank cells: changes {', '.join(partial)} does not make" if partial else ""
-
-
-def _write(out_dir, name, image, caption):
-    grids.write_png(os.path.join(out_dir, name), image)
-    return {"file": name, "caption": caption}
-
-
-# --- report ---------------------------------------------------------------------------------------------------
-def _fmt(v):
-    return "–" if v is None else f"{v:.3g}"
-
-
-def _cell(s, key, fixed=()):
-    """"value [low, high]", marked † when the method reaches it by construction."""
-    v, ci = s.get(key), s.get("ci", {}).get(key)
-    text = _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-    return text + (" †" if key in fixed else "")
-
-
-def _diff_cell(d):
-    if d is None or d["diff"] is None:
-        return "–"
-    text = f"{d['diff']:+.3g} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]" if d["ci"] else f"{d['diff']:+.3g}"
-    return text + {"better": " **better**", "worse": " worse", None: ""}.get(d["verdict"], "")
-
-
-def _columns(floor):
-    effect = [("accuracy ↑", "accuracy"), ("target prob. shift ↑", "target_prob_shift")] if "accuracy" in floor \
-        else [("MAE ↓", "mae"), ("oracle shift ↑", "oracle_shift")]
-    identity = [("MSE", "mse"), ("MSE brain", "mse_brain"), ("SSIM brain", "ssim_brain"),
-                ("reversibility L1 ↓", "reversibility_l1"), ("KID ↓", "kid")]
-    gt = []
-    if "gt_mse" in floor:
-        gt = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain")]
-        for s in STRUCTURES:
-            gt += [(f"Δ{s} bias mm²", f"{s}_change_bias_mm2"), (f"Δ{s} error mm² ↓", f"{s}_change_error_mm2")]
-    return effect + identity, gt
-
-
-def _table(header, rows):
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def report_markdown(metrics, title="Evaluation"):
-    """The metrics as markdown: per attribute, the values with their intervals and the paired differences to
-    meandiff and identity with verdicts; unchanged attributes; the oracle on the test split; figures."""
-    m = metrics
-    boot = m.get("bootstrap", {})
-    lines = [f"# {title}", "",
-             f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices of {m.get('subjects', '?')} "
-             f"subjects (seed {m['seed']}). Every value is the mean over pairs with its {boot.get('level', 0.95):.0%} "
-             f"interval [low, high] from {boot.get('resamples', '?')} bootstrap resamples of test subjects. "
-             "† = reached by construction (not a result, never ranked).",
-             "Effectiveness: the oracle's prediction on the manipulated slice vs the target (MAE in raw units; oracle "
-             "shift = predicted change in the requested direction; target prob. shift = gain in the oracle's "
-             "probability of the target class). MSE/SSIM and reversibility L1 compare with the source (brain = "
-             "inside the source's foreground); KID = Kernel Inception Distance of oracle features to real test "
-             "slices with the target attributes (x 1, unbiased, can be < 0)."]
-    if m["synthetic"]:
-        lines.append("GT: against the true counterfactual of the phantom; Δ area bias / error = mean signed / absolute "
-                     "(measured area change - true measured area change) in mm² (the no-change row gives minus "
-                     "the true change).")
-    for name, proto in m["protocol"].items():
-        floor = m["floor"][name]
-        main, gt = _columns(floor)
-        rows = [(FLOOR, floor, FLOOR_BY_CONSTRUCTION)] + [(k, v[name], v.get("by_construction", ()))
-                                                          for k, v in m["methods"].items()]
-        lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", ""]
-        partial = [f"{k} {v[name]['pairs']}" for k, v in m["methods"].items() if v[name]["pairs"] < proto["pairs"]]
-        if partial:
-            lines += [f"Pairs scored, of {proto['pairs']}: {', '.join(partial)}. A method that makes only some changes "
-                      "is scored on those, and its paired differences use the pairs both sides make.", ""]
-        for cols in (main, gt):
-            if cols:
-                lines += _table(["method"] + [c for c, _ in cols],
-                                [[r] + [_cell(s, k, fixed) for _, k in cols] for r, s, fixed in rows]) + [""]
-        fd = [(r, s["fd"]) for r, s, _ in rows if s.get("fd") is not None]
-        if fd:
-            lines += ["Fréchet distance: " + ", ".join(f"{r} {_fmt(v)}" for r, v in fd) + "", ""]
-        else:
-            lines += [f"Fréchet distance not reported: {floor.get('kid_pairs', 0)} pairs, fewer than {FD_MIN_RATIO}x the "
-                      "feature dimension.", ""]
-        keys = [(c, k) for c, k in main + gt if k in DIRECTION or k.endswith("bias_mm2")]
-        for ref in REFERENCES:
-            compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
-            if compared:
-                lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
-                          "excludes 0):", ""]
-                lines += _table(["method"] + [c for c, _ in keys],
-                                [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
-    lines += [f"## Unchanged attributes (target = source), n = {m['n']}", ""]
-    lines += _table(["method", "reconstruction MSE ↓", f"composition L1 after {REPEATS}× ↓", "vs meandiff (recon., comp.)"],
-                    [[k, _cell(v["unchanged"], "reconstruction_mse", v.get("by_construction", ())),
-                      _cell(v["unchanged"], "composition_l1", v.get("by_construction", ())),
-                      ", ".join(_diff_cell(v["unchanged"]["vs"]["meandiff"].get(x)) for x in ("reconstruction_mse", "composition_l1"))
-                      if "meandiff" in v["unchanged"].get("vs", {}) else "–"] for k, v in m["methods"].items()])
-    if m.get("oracle_test"):
-        o = m["oracle_test"]
-        lines += ["", f"## The oracle on this store's test split ({o['n']} slices, {o['subjects']} subjects)", ""]
-        from models.oracle import describe_metrics
-        lines += [f"- {line}" for line in describe_metrics(o, _cell)]
-    if m.get("figures"):
-        lines += ["", "## Trajectories", ""]
-        for f in m["figures"]:
-            lines += [f"![{f['file']}]({f['file']})", "", f"{f['file']}: {f['caption']}.", ""]
-    return "\n".join(lines) + "\n"

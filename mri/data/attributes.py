@@ -196,4 +196,9 @@ class Schema:
 
     @classmethod
     def from_json(cls, text):
-        return cls([Attribute(**d) for d in json.loads(text)])
+        return cls.from_records(json.loads(text))
+
+    @classmethod
+    def from_records(cls, records):
+        """The schema of `to_json`'s records once parsed (e.g. a run's config.json "schema")."""
+        return cls([Attribute(**d) for d in records])

@@ -2,7 +2,7 @@
 evaluate.py scores): mean squared error to the exact counterfactual of age +-10 years, beside meandiff and
 identity on the same slices.
 
-    python bench/dfi_settings.py --run runs/dfi/synthetic --n 32 --ks 100,400 --windows 0,1 --alphas 0.5,1 \
+    python tools/dfi_settings.py --run runs/dfi/synthetic --n 32 --ks 100,400 --windows 0,1 --alphas 0.5,1 \
         --tv-weights 0,0.01
 
 For each TV weight, z*(0) and z*(alpha) of the same slices are reconstructed once; decode = z*(alpha),
@@ -33,9 +33,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     from models import baselines, dfi
     from mri import synthetic
-    from mri.io import read_json
-    from mri.store import SliceStore
-    config = read_json(os.path.join(args.run, "config.json"))["args"]
+    from mri.training import load_config
+    from mri.data.store import SliceStore
+    config = load_config(args.run)["args"]
     store = SliceStore(config["store"])
     rng = np.random.default_rng(args.seed)
     val = store.indices("val")

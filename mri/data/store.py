@@ -16,8 +16,8 @@ import json
 import h5py
 import numpy as np
 
-from mri.attributes import Attribute, Schema
-from mri.io import atomic_path
+from mri.data.attributes import Attribute, Schema
+from mri.data.io import atomic_path
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 VERSION = "0.1.0"

@@ -1,15 +1,15 @@
 """How real the slices of a store look: statistics of one brain's slab, their distances, and the reference file.
 
 Every statistic is computed per brain from its slab (n_slices, S, S) in [-1, 1], cut by data_prep.py's code
-(mri/preprocess.py), and its pixel size in mm (the plan's side_mm / S). Definitions:
+(mri/data/volumes.py), and its pixel size in mm (the plan's side_mm / S). Definitions:
 
 - brain mask: the foreground at preprocessing's threshold (5 % of the scale), holes filled slice by slice
-  (mri.simulation.brain_mask); depth = in-plane distance (mm) from a mask pixel to the nearest outside pixel.
+  (mri.data.tissue.filled_foreground); depth = in-plane distance (mm) from a mask pixel to the nearest outside pixel.
 - position bands: the slab's slices split into `n_bands` consecutive groups, inferior to superior.
 - intensity distribution: the in-brain intensities of a band (or of the slab). Distance: the 1-D Wasserstein
   distance W1, the mean absolute difference of the two quantile functions (on the [-1, 1] scale); also the 10th,
   50th and 90th percentiles.
-- tissue classes: 1-D 3-means of the slab's in-brain intensities (mri.simulation.tissue_levels, started at the
+- tissue classes: 1-D 3-means of the slab's in-brain intensities (mri.data.tissue.tissue_levels, started at the
   10/50/90th percentiles), i.e. thresholds halfway between the class means; fractions = share of in-brain pixels
   nearest each class mean (CSF, GM, WM), no partial volume.
 - contrast: of the class means u on the intensity-fraction scale u = (x + 1) / 2, which is proportional to the
@@ -50,6 +50,8 @@ import zipfile
 import numpy as np
 from scipy import ndimage
 
+from mri.data.tissue import filled_foreground
+
 BAND_MM = (3.0, 12.0)
 WAVE_DEPTHS_MM = (1.5, 2.25, 3.0, 3.75, 4.5, 5.25, 6.0)
 FOLD_DEPTH_MM = 15.0
@@ -81,7 +83,7 @@ class ReferenceError(ValueError):
     """A reference file that cannot be used; the message names the file and the fix."""
 
 
-REBUILD = ("rebuild it with `python bench/make_reference.py --store STORE --out FILE --brain NAME=T1.nii.gz ...` "
+REBUILD = ("rebuild it with `python reference/make_reference.py --store STORE --out FILE --brain NAME=T1.nii.gz ...` "
            "from the source files named in reference/README.md")
 
 
@@ -119,18 +121,12 @@ def check_geometry(ref, size, n_slices, spacing, store_path):
             f"reference {ref['path']} holds {mine[0]}x{mine[0]} slices, {mine[1]} per brain {mine[2]:g} mm apart, but "
             f"the store {store_path} holds {theirs[0]}x{theirs[0]}, {theirs[1]} per volume {theirs[2]:g} mm apart: "
             f"compare like with like; rebuild the reference at the store's geometry with "
-            f"`python bench/make_reference.py --store {store_path} --out OTHER.npz ...` (sources in "
+            f"`python reference/make_reference.py --store {store_path} --out OTHER.npz ...` (sources in "
             f"reference/README.md) and pass --reference OTHER.npz, or use a store built with "
             f"`data_prep.py --size {mine[0]} --slices {mine[1]} --spacing {mine[2]:g}`")
 
 
 # --- per-brain statistics -----------------------------------------------------------------------------------
-def brain_mask(slab):
-    """The store's brain mask (mri.simulation.brain_mask): foreground at 5 % of the scale, holes filled."""
-    from mri.simulation import brain_mask as mask_of
-    return mask_of(np.asarray(slab))
-
-
 def depth_map(mask, px_mm):
     """Per slice, the distance in mm from each mask pixel to the nearest pixel outside the mask."""
     return np.stack([ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1] * px_mm for m in mask])
@@ -163,7 +159,7 @@ def position_bands(n_slices, n_bands):
 
 def tissue_classes(values):
     """(class means CSF, GM, WM on the [-1, 1] scale, fractions) from 1-D 3-means (halfway thresholds)."""
-    from mri.simulation import tissue_levels
+    from mri.data.tissue import tissue_levels
     levels = tissue_levels(values)
     edges = (levels[:-1] + levels[1:]) / 2
     labels = np.searchsorted(edges, values)
@@ -331,7 +327,7 @@ def brain_statistics(slab, px_mm, n_bands=4):
     """Every statistic of one brain's slab (see the module docstring); a JSON-serialisable dict plus the
     quantile functions ('q', 'q_bands') used for W1."""
     slab = np.asarray(slab, np.float32)
-    mask = brain_mask(slab)
+    mask = filled_foreground(np.asarray(slab))
     if not mask.any():
         raise ValueError("empty brain mask (no foreground)")
     depth = depth_map(mask, px_mm)

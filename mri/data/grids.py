@@ -4,7 +4,7 @@ import zlib
 
 import numpy as np
 
-from mri.io import atomic_path
+from mri.data.io import atomic_path
 
 
 def to_uint8(images, lo=-1.0, hi=1.0):

@@ -1,13 +1,13 @@
 """Build reference/real_slices.npz: real skull-stripped T1 brains cut exactly as data_prep.py cuts a volume.
 
-    python bench/make_reference.py --store data/synthetic.h5 --out reference/real_slices.npz \
+    python reference/make_reference.py --store data/synthetic.h5 --out reference/real_slices.npz \
         --brain icbm152_2009a=mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz \
         --tissue icbm152_2009a:gm=mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz \
         --tissue icbm152_2009a:wm=mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz \
         --brain colin27=ch2bet.nii.gz
 
-Each --brain NAME=PATH is preprocessed by the toolkit's own code for a user's scan (mri.simulation.scan_from_file,
-i.e. mri.preprocess.process_file: canonical RAS, intensity scale, foreground crop, axial slices centred on the
+Each --brain NAME=PATH is preprocessed by the toolkit's own code for a user's scan (mri.data.scans.scan_from_file,
+i.e. mri.data.volumes.process_file: canonical RAS, intensity scale, foreground crop, axial slices centred on the
 brain) at the geometry (--size, --slices, --spacing) the store records in its provenance (or the given values
 without --store). Tissue maps (--tissue NAME:CLASS=PATH, probabilities in [0, 1] or [0, 255]) are sampled at
 the same world points with the brain's plan and stored as uint8 (255 = probability 1). reference/README.md says
@@ -22,17 +22,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mri.io import atomic_path, exit_on  # noqa: E402
-from mri.prep import _sha256 as sha256  # noqa: E402  (the checksum data_prep.py records for its CSV)
-from mri.realism import ReferenceError  # noqa: E402
+from mri.data.io import atomic_path, exit_on  # noqa: E402
+from mri.data.pipeline import _sha256 as sha256  # noqa: E402  (the checksum data_prep.py records for its CSV)
+from mri.synthetic.realism import ReferenceError  # noqa: E402
 
 
 def geometry(args):
     """(size, slices, spacing): the store's recorded geometry, else the command line's."""
     if not args.store:
         return args.size, args.slices, args.spacing
-    from mri.simulation import store_geometry
-    from mri.store import SliceStore
+    from mri.data.scans import store_geometry
+    from mri.data.store import SliceStore
     with SliceStore(args.store) as store:
         recorded = store_geometry(store)
         if recorded is None:
@@ -43,7 +43,7 @@ def geometry(args):
 
 def tissue_map(path, plan, size):
     """A probability map sampled at the plan's world points -> uint8 (255 = 1)."""
-    from mri.preprocess import apply_plan, load_canonical
+    from mri.data.volumes import apply_plan, load_canonical
     data, affine = load_canonical(path)
     top = 255.0 if data.max() > 1.5 else 1.0
     sampled = apply_plan(np.clip(data / top, 0, 1), dict(plan, affine=np.asarray(affine).tolist()), size)
@@ -52,7 +52,7 @@ def tissue_map(path, plan, size):
 
 def build(brains, tissues, size, slices, spacing):
     """{npz key: array} for [(name, path)] and {name: [(class, path)]}."""
-    from mri.simulation import scan_from_file
+    from mri.data.scans import scan_from_file
     out = {"names": np.array([n for n, _ in brains]), "size": np.int32(size), "n_slices": np.int32(slices),
            "spacing": np.float32(spacing)}
     for name, path in brains:
@@ -103,7 +103,7 @@ def main(argv=None):
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--out", default="reference/real_slices.npz")
     args = p.parse_args(argv)
-    from mri.store import StoreError
+    from mri.data.store import StoreError
     with exit_on(ReferenceError, StoreError, ValueError, FileNotFoundError):
         brains, tissues = parse(args)
         size, slices, spacing = geometry(args)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from mri import cohorts
-from mri.attributes import Attribute, Schema
-from mri.io import atomic_path, read_json, remove_stale_temporaries, write_json
-from mri.preprocess import BadVolume, apply_plan, intensity_scale, load_canonical, normalise, volume_to_slices
-from mri.store import assign_splits, write_store
+from mri.data import cohorts
+from mri.data.attributes import Attribute, Schema
+from mri.data.io import atomic_path, read_json, remove_stale_temporaries, write_json
+from mri.data.volumes import BadVolume, apply_plan, intensity_scale, load_canonical, normalise, volume_to_slices
+from mri.data.store import assign_splits, write_store
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _process(job):
 def _registered_slices(data, affine, base, size):
     """A follow-up cut with its first visit's plan: the plan's affine maps the first visit's world to this
     scan's voxels through the rigid transform T (first visit world -> this scan's world)."""
-    from mri.register import register
+    from mri.data.register import register
     base_data, base_affine, base_plan, base_path = base
     transform, ncc = register(base_data, base_affine, data, affine)
     plan = dict(base_plan, scale=intensity_scale(data), affine=(np.linalg.inv(transform) @ affine).tolist(),

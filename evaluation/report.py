@@ -1,0 +1,106 @@
+"""The Markdown report of an evaluation's metrics (tables with intervals, paired differences and verdicts)."""
+
+
+from evaluation.protocol import DIRECTION, FD_MIN_RATIO, FLOOR, REFERENCES, REPEATS
+from evaluation.truth import STRUCTURES
+from models.baselines import FLOOR_BY_CONSTRUCTION
+
+
+def _fmt(v):
+    return "–" if v is None else f"{v:.3g}"
+
+
+def _cell(s, key, fixed=()):
+    """"value [low, high]", marked † when the method reaches it by construction."""
+    v, ci = s.get(key), s.get("ci", {}).get(key)
+    text = _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return text + (" †" if key in fixed else "")
+
+
+def _diff_cell(d):
+    if d is None or d["diff"] is None:
+        return "–"
+    text = f"{d['diff']:+.3g} [{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]" if d["ci"] else f"{d['diff']:+.3g}"
+    return text + {"better": " **better**", "worse": " worse", None: ""}.get(d["verdict"], "")
+
+
+def _columns(floor):
+    effect = [("accuracy ↑", "accuracy"), ("target prob. shift ↑", "target_prob_shift")] if "accuracy" in floor \
+        else [("MAE ↓", "mae"), ("oracle shift ↑", "oracle_shift")]
+    identity = [("MSE", "mse"), ("MSE brain", "mse_brain"), ("SSIM brain", "ssim_brain"),
+                ("reversibility L1 ↓", "reversibility_l1"), ("KID ↓", "kid")]
+    gt = []
+    if "gt_mse" in floor:
+        gt = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain")]
+        for s in STRUCTURES:
+            gt += [(f"Δ{s} bias mm²", f"{s}_change_bias_mm2"), (f"Δ{s} error mm² ↓", f"{s}_change_error_mm2")]
+    return effect + identity, gt
+
+
+def _table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def report_markdown(metrics, title="Evaluation"):
+    """The metrics as markdown: per attribute, the values with their intervals and the paired differences to
+    meandiff and identity with verdicts; unchanged attributes; the oracle on the test split; figures."""
+    m = metrics
+    boot = m.get("bootstrap", {})
+    lines = [f"# {title}", "",
+             f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices of {m.get('subjects', '?')} "
+             f"subjects (seed {m['seed']}). Every value is the mean over pairs with its {boot.get('level', 0.95):.0%} "
+             f"interval [low, high] from {boot.get('resamples', '?')} bootstrap resamples of test subjects. "
+             "† = reached by construction (not a result, never ranked).",
+             "Effectiveness: the oracle's prediction on the manipulated slice vs the target (MAE in raw units; oracle "
+             "shift = predicted change in the requested direction; target prob. shift = gain in the oracle's "
+             "probability of the target class). MSE/SSIM and reversibility L1 compare with the source (brain = "
+             "inside the source's foreground); KID = Kernel Inception Distance of oracle features to real test "
+             "slices with the target attributes (x 1, unbiased, can be < 0)."]
+    if m["synthetic"]:
+        lines.append("GT: against the true counterfactual of the phantom; Δ area bias / error = mean signed / absolute "
+                     "(measured area change - true measured area change) in mm² (the no-change row gives minus "
+                     "the true change).")
+    for name, proto in m["protocol"].items():
+        floor = m["floor"][name]
+        main, gt = _columns(floor)
+        rows = [(FLOOR, floor, FLOOR_BY_CONSTRUCTION)] + [(k, v[name], v.get("by_construction", ()))
+                                                          for k, v in m["methods"].items()]
+        lines += ["", f"## {name}: {proto['pairs']} pairs", "", f"Change: {proto['change']}.", ""]
+        partial = [f"{k} {v[name]['pairs']}" for k, v in m["methods"].items() if v[name]["pairs"] < proto["pairs"]]
+        if partial:
+            lines += [f"Pairs scored, of {proto['pairs']}: {', '.join(partial)}. A method that makes only some changes "
+                      "is scored on those, and its paired differences use the pairs both sides make.", ""]
+        for cols in (main, gt):
+            if cols:
+                lines += _table(["method"] + [c for c, _ in cols],
+                                [[r] + [_cell(s, k, fixed) for _, k in cols] for r, s, fixed in rows]) + [""]
+        fd = [(r, s["fd"]) for r, s, _ in rows if s.get("fd") is not None]
+        if fd:
+            lines += ["Fréchet distance: " + ", ".join(f"{r} {_fmt(v)}" for r, v in fd) + "", ""]
+        else:
+            lines += [f"Fréchet distance not reported: {floor.get('kid_pairs', 0)} pairs, fewer than {FD_MIN_RATIO}x the "
+                      "feature dimension.", ""]
+        keys = [(c, k) for c, k in main + gt if k in DIRECTION or k.endswith("bias_mm2")]
+        for ref in REFERENCES:
+            compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
+            if compared:
+                lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
+                          "excludes 0):", ""]
+                lines += _table(["method"] + [c for c, _ in keys],
+                                [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+    lines += [f"## Unchanged attributes (target = source), n = {m['n']}", ""]
+    lines += _table(["method", "reconstruction MSE ↓", f"composition L1 after {REPEATS}× ↓", "vs meandiff (recon., comp.)"],
+                    [[k, _cell(v["unchanged"], "reconstruction_mse", v.get("by_construction", ())),
+                      _cell(v["unchanged"], "composition_l1", v.get("by_construction", ())),
+                      ", ".join(_diff_cell(v["unchanged"]["vs"]["meandiff"].get(x)) for x in ("reconstruction_mse", "composition_l1"))
+                      if "meandiff" in v["unchanged"].get("vs", {}) else "–"] for k, v in m["methods"].items()])
+    if m.get("oracle_test"):
+        o = m["oracle_test"]
+        lines += ["", f"## The oracle on this store's test split ({o['n']} slices, {o['subjects']} subjects)", ""]
+        from models.oracle import describe_metrics
+        lines += [f"- {line}" for line in describe_metrics(o, _cell)]
+    if m.get("figures"):
+        lines += ["", "## Trajectories", ""]
+        for f in m["figures"]:
+            lines += [f"![{f['file']}]({f['file']})", "", f"{f['file']}: {f['caption']}.", ""]
+    return "\n".join(lines) + "\n"
