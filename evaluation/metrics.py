@@ -44,6 +44,17 @@ def mse(x, y, mask=None):
         return (d * m).sum(axis=axes) / m.sum(axis=axes)
 
 
+def cosine(a, b, mask):
+    """Per image, the cosine between two images (or changes) over the `mask` pixels, (N,); NaN where either
+    is zero there (no direction: e.g. the no-change floor)."""
+    a, b = (np.asarray(v, np.float64).reshape(len(mask), -1) for v in (a, b))
+    m = np.asarray(mask, bool).reshape(len(mask), -1)
+    a, b = a * m, b * m
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norms > 0, (a * b).sum(1) / norms, np.nan)
+
+
 def l1(x, y):
     return np.mean(np.abs(np.asarray(x, np.float64) - y), axis=tuple(range(1, np.ndim(x))))
 

@@ -17,8 +17,10 @@ method's manipulated images are then scored per pair (`_score`):
   of real test slices with the target attributes, one reference per pair drawn without replacement (at the
   source's slice position when one is left); the Fréchet distance only when the pairs number at least
   FD_MIN_RATIO times the feature dimension (below that its covariance estimate is noise);
-- ground truth (synthetic stores): MSE and SSIM against the true counterfactual (whole image and brain), and
-  the signed (bias) and absolute error of the measured ventricle and hippocampus area change (GroundTruth).
+- ground truth (synthetic stores): MSE and SSIM against the true counterfactual (whole image and brain), the
+  cosine between the method's change and the true change inside the brain (`gt_change_cosine`: direction
+  apart from size; undefined, so unscored, for a method that changes nothing), and the signed (bias) and
+  absolute error of the measured ventricle and hippocampus area change (GroundTruth).
 
 A method is told the source images, the source and target attributes and the slices' axial positions
 (`told`), never their store indices: nothing leads it to the true counterfactual, which the evaluator renders
@@ -38,7 +40,7 @@ from functools import partial
 import numpy as np
 
 from mri import stats
-from evaluation.metrics import above_background, frechet_distance, l1, mse, ssim
+from evaluation.metrics import above_background, cosine, frechet_distance, l1, mse, ssim
 from evaluation.truth import STRUCTURES, GroundTruth
 from models import supported
 from models.baselines import FLOOR_BY_CONSTRUCTION
@@ -52,7 +54,7 @@ N_BOOT = 1000          # bootstrap resamples
 # +1: higher is better, -1: lower is better; metrics not listed (MSE/SSIM to the source, area bias) have no
 # better direction, so their paired differences get no verdict
 DIRECTION = {"mae": -1, "oracle_shift": 1, "accuracy": 1, "target_prob_shift": 1, "reversibility_l1": -1,
-             "kid": -1, "gt_mse": -1, "gt_ssim": 1, "gt_mse_brain": -1, "gt_ssim_brain": 1,
+             "kid": -1, "gt_mse": -1, "gt_change_cosine": 1, "gt_ssim": 1, "gt_mse_brain": -1, "gt_ssim_brain": 1,
              "ventricles_change_error_mm2": -1, "hippocampus_change_error_mm2": -1,
              "reconstruction_mse": -1, "composition_l1": -1}
 REFERENCES = ("meandiff", "identity")
@@ -139,6 +141,7 @@ def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=Non
         images, roi, idx, gt = truth
         out["gt_mse"], out["gt_ssim"] = mse(y[..., 0], images), ssim(y, images)
         out["gt_mse_brain"], out["gt_ssim_brain"] = mse(y[..., 0], images, brain), ssim(y, images, mask=brain)
+        out["gt_change_cosine"] = cosine(y[..., 0] - x[..., 0], images - x[..., 0], brain)
         measured, true = gt.areas(y, roi, idx), gt.areas(images, roi, idx)
         for s in STRUCTURES:
             err = np.where(roi[s].any((1, 2)), measured[s] - true[s], np.nan)

@@ -31,7 +31,8 @@ def _columns(floor):
                 ("reversibility L1 ↓", "reversibility_l1"), ("KID ↓", "kid")]
     gt = []
     if "gt_mse" in floor:
-        gt = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain")]
+        gt = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain"),
+              ("cosine to true change ↑", "gt_change_cosine")]
         for s in STRUCTURES:
             gt += [(f"Δ{s} bias mm²", f"{s}_change_bias_mm2"), (f"Δ{s} error mm² ↓", f"{s}_change_error_mm2")]
     return effect + identity, gt

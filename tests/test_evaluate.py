@@ -725,3 +725,24 @@ def test_evaluate_scores_a_cyclegan_run_on_its_domains(planted, tmp_path):
     assert dx["reversibility_l1"] > 0 and dx["vs"]["identity"]["gt_mse"]["diff"] is not None
     report = open(out / "report.md").read()
     assert f"Pairs scored, of 24: {run} 0." in report and "blank cells: changes" in report
+
+
+def test_change_cosine_reads_direction_inside_the_brain_only():
+    """The cosine to the true change: 1 for half the true change, -1 for its opposite, whatever a method does
+    outside the source's brain; unscored (NaN) for no change."""
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    x = np.where(np.hypot(yy, xx) < 9, 0.3, -1.0)[None, :, :, None].repeat(3, 0).astype(np.float32)
+    brain = evaluation.above_background(x)
+    true = x[..., 0] + np.where(brain, np.random.default_rng(0).normal(0, 0.1, brain.shape), 0.0)
+    half, opposite = x.copy(), x.copy()
+    half[..., 0] += 0.5 * (true - x[..., 0])
+    opposite[..., 0] -= true - x[..., 0]
+    for y in (half, opposite):
+        y[:, :3, :3, 0] = 0.9                      # outside the brain: no weight
+    change, oracle = evaluation.Change("age", "continuous"), (np.zeros(3), None)
+    truth = (true, {s: brain for s in evaluation.STRUCTURES}, np.arange(3), NoAreas())
+    score = lambda y: evaluation.protocol._score(change, x, y, x, np.zeros(3), np.ones(3), oracle, oracle, truth)
+    np.testing.assert_allclose(score(half)["gt_change_cosine"], 1.0, rtol=1e-9)
+    np.testing.assert_allclose(score(opposite)["gt_change_cosine"], -1.0, rtol=1e-9)
+    assert np.isnan(score(x)["gt_change_cosine"]).all()
+    assert evaluation.protocol.DIRECTION["gt_change_cosine"] == 1
