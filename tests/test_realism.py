@@ -152,3 +152,90 @@ def test_clear_errors_for_missing_or_mismatched_inputs(tmp_path, store_path):
         realism_script.main(["--store", str(tmp_path / "none.h5"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"real_slices.npz holds 128x128.*32x32.*make_reference.py --store"):
         realism_script.main(["--store", store_path, "--reference", SHIPPED, "--out", str(tmp_path)])
+
+
+def planted(ribbon=4.0, islands=False, slits=False, n=112, radius=45.0):
+    """A disc (1 mm pixels): a GM ribbon (0.3) `ribbon` mm deep at the outside, a WM core (0.8), a CSF ventricle
+    (-0.5, radius 16) at the centre; optionally GM islands 20 mm deep and 8 radial CSF slits 10 mm deep."""
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    r, theta = np.hypot(y, x), np.arctan2(y, x)
+    img = np.where(r < radius, 0.8, -1.0).astype(np.float32)
+    img[(r < radius) & (r >= radius - ribbon)] = 0.3
+    img[r < 16] = -0.5
+    if islands:
+        img[(np.abs(r - (radius - 20)) < 2) & (np.cos(8 * theta) > 0.5)] = 0.3
+    if slits:
+        img[(r < radius) & (r > radius - 10) & (np.abs(((theta * 8 / (2 * np.pi)) + 0.5) % 1 - 0.5) * r * 2 * np.pi / 8
+                                                 < 1.0)] = -0.5
+    return np.repeat(img[None], 2, axis=0)
+
+
+def planted_stats(slab):
+    mask = tissue.filled_foreground(slab)
+    depth = realism.depth_map(mask, 1.0)
+    levels, _ = realism.tissue_classes(slab[mask])
+    return mask, depth, levels
+
+
+def test_gm_by_depth_finds_the_planted_ribbon_and_the_marbling():
+    slab = planted()
+    mask, depth, levels = planted_stats(slab)
+    profile, counts = realism.gm_by_depth(slab, mask, depth, levels)
+    edges = np.asarray(realism.DEPTH_EDGES_MM)
+    ribbon = (slab == 0.3) & mask
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):  # the share of ribbon pixels in each bin, computed
+        sel = mask & (depth > lo) & (depth <= hi) if lo > 0 else mask & (depth <= hi)
+        assert counts[i] == sel.sum()
+        if sel.any():
+            assert profile[i] == pytest.approx(ribbon[sel].mean())
+    assert profile[0] == 1.0 and profile[3] == 0.0      # 0-2 mm all ribbon; 6-8 mm all core
+    assert realism._share(profile, counts, 15, 30) == 0.0
+    marbled = planted(islands=True)
+    m2, d2, l2 = planted_stats(marbled)
+    p2, c2 = realism.gm_by_depth(marbled, m2, d2, l2)
+    sel = m2 & (d2 > 15) & (d2 <= 30)
+    assert realism._share(p2, c2, 15, 30) == pytest.approx((marbled[sel] == 0.3).mean()) and (marbled[sel] == 0.3).mean() > 0.05
+
+
+def test_normal_rays_measure_the_ribbon_and_the_planted_sulci():
+    for ribbon in (3.0, 5.0):
+        slab = planted(ribbon)
+        mask, depth, levels = planted_stats(slab)
+        wm, crossed = realism.normal_rays(slab, mask, depth, 1.0, levels)
+        assert wm.size > 200 and np.median(wm) == pytest.approx(ribbon, abs=1.0)  # inward: the core at `ribbon` mm
+        assert not crossed.any()
+    slab = planted(3.0, slits=True)
+    mask, depth, levels = planted_stats(slab)
+    wm, crossed = realism.normal_rays(slab, mask, depth, 1.0, levels)
+    assert 0.02 < crossed.mean() < 0.2                   # the rays that start in one of 8 slits ~2 px wide
+    assert np.percentile(wm, 99) >= 9.0                  # a ray down a slit meets WM at its bottom, 10 mm in
+    stats = realism.brain_statistics(slab, 1.0, n_bands=1)
+    assert stats["csf_crossing"] == pytest.approx(crossed.mean())
+
+
+def test_outline_roughness_is_zero_for_an_oval_and_the_lumps_rms_otherwise():
+    n = 128
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    r, theta = np.hypot(y, x), np.arctan2(y, x)
+    oval = np.hypot(y / 1.2, x) < 40
+    assert realism.outline_roughness(oval[None], 1.0) < 0.3
+    lumpy = r < 40 + 2.0 * np.cos(16 * theta)          # RMS of a cosine of amplitude 2: sqrt(2) (pixels)
+    assert realism.outline_roughness(lumpy[None], 1.5) == pytest.approx(1.5 * np.sqrt(2), rel=0.15)
+
+
+def test_verdict_against_the_real_range():
+    # a scalar inside the range is inside, whatever the ratio; outside, its offset is to the nearer real brain
+    assert realism.verdict("scalar", [0.5, 0.7], [0.4, 0.8], None, 0.4, 0.01) == ("inside", 0.0, 1.0)
+    assert realism.verdict("scalar", [0.9, 0.9], [0.4, 0.8], None, 0.4, 0.01) == ("near", pytest.approx(0.25), 0.0)
+    assert realism.verdict("scalar", [0.2, 0.0], [0.4, 0.8], None, 0.1, 0.01) == ("out", pytest.approx(3.0), 0.0)
+    assert realism.verdict("scalar", [0.2, 0.0], [0.4, 0.8], None, 0.0, 0.05)[1] == pytest.approx(6.0)  # the floor
+    assert realism.verdict("dist", None, None, [0.1, 0.3], 0.25, 0.01)[:2] == ("near", pytest.approx(0.8))
+    assert realism.verdict("dist", None, None, [0.4, 0.3], 0.25, 0.01)[0] == "out"
+    # compare: the 'synthetic' brain is one of the real ones: every scalar inside, every distribution near (0)
+    ref = realism.load_reference(SHIPPED)
+    a, b = (realism.brain_statistics(ref["brains"][n]["slices"], ref["brains"][n]["px_mm"]) for n in ref["names"])
+    rows = realism.compare([a], {"a": a, "b": b})
+    assert all(r["verdict"] == ("inside" if r["values"] else "near") and r["offset"] == 0 for r in rows)
+    shifted = dict(a, gm_inner=max(a["gm_inner"], b["gm_inner"]) + 3 * abs(a["gm_inner"] - b["gm_inner"]))
+    row = next(r for r in realism.compare([shifted], {"a": a, "b": b}) if r["name"] == "gm_inner")
+    assert row["verdict"] == "out" and row["offset"] == pytest.approx(3.0) and row["ratio"] > 1.5

@@ -3,11 +3,14 @@
     python tools/realism.py --store data/synthetic.h5 [--reference reference/real_slices.npz] [--n-subjects 20] \
         [--out reports/realism] [--figure docs/realism_slices.png]
 
-Every statistic (mri/realism.py defines them) is computed per brain: on one visit (the first stored) of each of
+Every statistic (mri/synthetic/realism.py defines them) is computed per brain: on one visit (the first stored) of each of
 --n-subjects subjects spread evenly over the store's sorted subject ids, and on each real reference brain. Each
 is reported as the synthetic-to-real distance (per subject, the mean of its distances to the real brains; mean
 and 10th-90th percentile over subjects) against the real-to-real distance; the ratio is the headline (1: as
-close as two real brains are). Written to --out: report.md and realism.json. --figure: synthetic slices of three
+close as two real brains are). Because a ratio to the mean of the real-to-real distances hides an offset when the
+real brains disagree, every row also says whether the synthetic value lies inside the real brains' range
+("inside"), within the real-to-real distance of the nearer real brain ("near") or further ("out"), with that
+offset in real-to-real distances (mri/synthetic/realism.py, `verdict`). Written to --out: report.md and realism.json. --figure: synthetic slices of three
 subjects at five axial positions (columns left of the gap) beside the real brains at the same positions (right).
 numpy and scipy only.
 """
@@ -89,9 +92,9 @@ def markdown(result):
              "synthetic-to-real / real-to-real (1: as close as two real brains are; its interval from the per-subject "
              "distances). With two real brains, a scalar lying between them has a ratio of exactly 0.5, so up to 0.5 "
              "means inside the real range. A real-to-real distance below the statistic's floor is replaced by the "
-             "floor (marked *). Definitions: mri/realism.py.", ""]
+             "floor (marked *). Definitions: mri/synthetic/realism.py.", ""]
     header = ["statistic", "unit", "synthetic", *names, "synthetic-to-real", "to " + " / to ".join(names),
-              "real-to-real", "ratio"]
+              "real-to-real", "ratio", "verdict (offset; subjects inside)"]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in result["rows"]:
         v = r["values"]
@@ -102,7 +105,14 @@ def markdown(result):
             r["label"], r["unit"], syn, *reals, f"{_f(d['mean'])} [{_f(d['p10'])}, {_f(d['p90'])}]",
             " / ".join(_f(r["synthetic_to_each"][n]) for n in names),
             _f(r["real_to_real"]) + ("*" if r["floor_used"] else ""),
-            f"**{_f(r['ratio'], 2)}** [{_f(r['ratio_interval'][0], 2)}, {_f(r['ratio_interval'][1], 2)}]"]) + " |")
+            f"**{_f(r['ratio'], 2)}** [{_f(r['ratio_interval'][0], 2)}, {_f(r['ratio_interval'][1], 2)}]",
+            _verdict_cell(r)]) + " |")
+    lines += ["", summary(result["rows"])]
+    lines += ["", "GM share by depth from the outline (mm; synthetic: mean over subjects):", "",
+              "| depth | synthetic | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    for i, (lo, hi) in enumerate(zip(result["depth_edges"][:-1], result["depth_edges"][1:])):
+        cells = [_f(result["gm_by_depth"][src][i], 2) for src in ["synthetic", *names]]
+        lines.append(f"| {lo:g}-{hi:g} | " + " | ".join(cells) + " |")
     lines += ["", "In-brain intensity percentiles (10th / 50th / 90th) by position band (synthetic: mean over "
               "subjects):",
               "", "| slices | synthetic | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
@@ -122,6 +132,25 @@ def markdown(result):
                   f"(inferior to superior); left: synthetic subjects {', '.join(result['figure_subjects'])}; right: "
                   f"{', '.join(names)}."]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_cell(row):
+    v = row["verdict"]
+    cell = f"{'**out**' if v == 'out' else v} ({_f(row['offset'], 2)}"
+    if row.get("share_inside") is not None:
+        cell += f"; {row['share_inside']:.0%}"
+    return cell + ")"
+
+
+def summary(rows):
+    """One line: how many statistics are inside / near / out, the mean ratio and the worst band's ratio."""
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in ("inside", "near", "out")}
+    ratios = [r["ratio"] for r in rows if np.isfinite(r["ratio"])]
+    bands = [r["ratio"] for r in rows if r["name"].startswith("intensity_w1_band")]
+    outs = ", ".join(r["name"] for r in rows if r["verdict"] == "out") or "none"
+    return (f"Summary: {counts['inside']} inside the real range, {counts['near']} near (within the real-to-real "
+            f"distance of the nearer real brain), {counts['out']} out ({outs}); mean ratio {np.mean(ratios):.2f}, "
+            f"lowest band's ratio {bands[0]:.2f}, largest band ratio {max(bands):.2f}.")
 
 
 def shown(path):
@@ -161,6 +190,9 @@ def run(store_path, reference_path, n_subjects=20, out=None, figure_path=None, n
         "reference": {"path": reference_path, "names": reference["names"],
                       "sources": {n: b["source"] for n, b in reference["brains"].items()}},
         "subjects": [{"subject": s, "visit": v, "volume": vol} for s, v, vol, _ in chosen],
+        "depth_edges": [float(e) for e in realism.DEPTH_EDGES_MM],
+        "gm_by_depth": {"synthetic": _nanmean([s["gm_by_depth"] for s in synthetic]),
+                        **{n: np.asarray(real[n]["gm_by_depth"]).tolist() for n in real}},
         "rows": rows, "bands": bands, "band_percentiles": band_pct, "tissue_map_check": checks,
         "per_source": {"synthetic": [_public(s) for s in synthetic], **{n: _public(real[n]) for n in real}},
     }
@@ -180,9 +212,16 @@ def run(store_path, reference_path, n_subjects=20, out=None, figure_path=None, n
     return result
 
 
+def _nanmean(profiles):
+    """Mean over brains per depth bin, NaN where no brain reaches the bin."""
+    a = np.asarray(profiles, np.float64)
+    n = np.isfinite(a).sum(axis=0)
+    return np.where(n > 0, np.nansum(a, axis=0) / np.maximum(n, 1), np.nan).tolist()
+
+
 def _public(stats):
     """A brain's statistics without the quantile functions (kept short in the JSON)."""
-    return {k: v for k, v in stats.items() if k not in ("q", "q_bands")}
+    return {k: v for k, v in stats.items() if k not in ("q", "q_bands", "wm_depth")}
 
 
 def main(argv=None):

@@ -32,6 +32,19 @@ Every statistic is computed per brain from its slab (n_slices, S, S) in [-1, 1],
   image, sigma 1 pixel) inside the depth range (0, FOLD_DEPTH_MM = 15 mm] over the length of the mask's outline, summed
   over slices (each length = count of pixels within half a pixel of the line). A smooth white-matter surface
   gives about 1; white matter reaching into folded gyri gives more.
+- GM by depth: each in-brain pixel's tissue class (as above) binned by its depth into DEPTH_EDGES_MM; the GM share
+  of each bin over the slab is the profile (distance: mean |difference| over the bins both brains fill). Scalars:
+  the GM share at depth (0, 6] mm (the ribbon) and (15, 30] mm (where a real slice shows the white-matter core and
+  a marbled one shows grey matter).
+- sulci along the outline: from every outline pixel (depth <= one pixel) a ray runs along the inward normal (the
+  gradient of the smoothed depth map) over the image smoothed with a 0.5-pixel Gaussian, in half-pixel steps up to
+  RAY_MM. WM depth = distance along the ray to the first sample at or above the GM/WM level (halfway between the
+  class means; RAY_MM if none): the ribbon's thickness at a crown, a sulcus' depth where the ray runs down one.
+  Its distribution over the slab's rays (W1, mm), its median and 90th percentile; CSF crossing = share of rays that
+  meet a sample below the CSF/GM level between SULCUS_MM[0] and SULCUS_MM[1] mm, before reaching white matter.
+- outline roughness: per slice with at least 30 % of the largest slice's area, the outline's radius r(angle) from
+  the centroid (720 rays); its RMS deviation (mm) from its own first OUTLINE_HARMONICS Fourier harmonics (the oval
+  and its poles), mean over slices. A smooth oval gives about 0, lumps give more.
 - symmetry: Dice of the mask with its mirror image about the best midline, one vertical plane for the whole slab
   (through the mask's centroid, rotated by up to 20 degrees and shifted by up to 4 pixels, best by grid search).
 - tilt: the angle (degrees, absolute) between the long principal axis of the slab's mask pixels and the image's
@@ -42,6 +55,13 @@ Distances between two brains: W1 as above for distributions, histograms and spec
 the real brains) against the real-to-real distance; the ratio's denominator is at least the statistic's
 floor (STATISTICS: a resolution below which two brains count as equal), flagged when used. With two real brains
 a scalar lying between them has a ratio of exactly 0.5.
+
+A ratio to the mean real-to-real distance hides an offset when the real brains disagree, so every row also gets a
+verdict against the real brains themselves (`verdict`): for a scalar, "inside" when the synthetic mean lies in the
+real range [min, max], else "near" when its distance to the nearer real brain is at most the real-to-real distance
+(floored), else "out"; for a distribution, histogram or profile (no range), "near" or "out" by the same rule on the
+mean over subjects of the distance to the nearer real brain. `offset` is that nearer distance (0 inside the range)
+over the floored real-to-real distance: above 1 is "out".
 """
 import json
 import os
@@ -57,6 +77,10 @@ WAVE_DEPTHS_MM = (1.5, 2.25, 3.0, 3.75, 4.5, 5.25, 6.0)
 FOLD_DEPTH_MM = 15.0
 WAVE_BINS_MM = np.geomspace(3.0, 80.0, 31)
 ORIENT_BINS = 9
+DEPTH_EDGES_MM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, np.inf)
+RAY_MM = 30.0
+SULCUS_MM = (2.0, 12.0)
+OUTLINE_HARMONICS = 4
 N_QUANTILES = 1000
 # statistic key -> (label, group, unit, distance kind, floor of the real-to-real distance)
 STATISTICS = {
@@ -74,6 +98,14 @@ STATISTICS = {
     "spectrum": ("cortex-band wavelength spectrum", "folding", "W1, octaves", "spectrum", 0.05),
     "wavelength_mm": ("dominant cortical wavelength", "folding", "mm", "scalar", 1.0),
     "folding_index": ("folding index (GM/WM line / outline)", "folding", "ratio", "scalar", 0.02),
+    "gm_by_depth": ("GM share by depth from the outline", "depth", "mean |diff| over depth bins", "profile", 0.02),
+    "gm_outer": ("GM share at depth 0-6 mm", "depth", "fraction", "scalar", 0.02),
+    "gm_inner": ("GM share at depth 15-30 mm", "depth", "fraction", "scalar", 0.02),
+    "wm_depth": ("WM depth along the inward normals", "sulci", "W1, mm", "quantiles", 0.3),
+    "wm_depth_median": ("WM depth along the inward normals, median", "sulci", "mm", "scalar", 0.3),
+    "wm_depth_p90": ("WM depth along the inward normals, 90th percentile", "sulci", "mm", "scalar", 0.5),
+    "csf_crossing": ("rays crossing CSF 2-12 mm in, before WM", "sulci", "fraction of outline", "scalar", 0.02),
+    "outline_roughness": ("outline roughness (RMS about 4 harmonics)", "shape", "mm", "scalar", 0.1),
     "symmetry_dice": ("left-right symmetry (Dice with mirror)", "shape", "Dice", "scalar", 0.005),
     "tilt_deg": ("tilt of the principal axis", "shape", "degrees", "scalar", 1.0),
 }
@@ -220,21 +252,30 @@ def _largest_component(m):
     return lab == 1 + int(np.argmax(sizes))
 
 
-def wavelength_spectrum(slab, mask, px_mm, depths=WAVE_DEPTHS_MM, n_angles=720, min_area=0.3):
-    """Power per log wavelength over WAVE_BINS_MM (normalised) of the intensity along iso-depth curves."""
-    acc = np.zeros(len(WAVE_BINS_MM) - 1)
+def _large(mask, min_area):
+    """Slices whose mask holds at least min_area of the largest slice's area (and something)."""
     areas = mask.sum(axis=(1, 2))
-    theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
-    radii = np.arange(0, 1.5 * slab.shape[1], 0.5)
-    for img, m, area in zip(slab, mask, areas):
-        if area == 0 or area < min_area * areas.max():
-            continue
+    return (areas > 0) & (areas >= min_area * areas.max())
+
+
+def _outlines(mask, theta, step, order):
+    """Per slice: (centroid y, x of its largest component, outline radius in pixels along each angle theta), read
+    on rays from the centroid in steps of `step` pixels (map_coordinates of the given order)."""
+    radii = np.arange(0, 1.5 * mask.shape[1], step)
+    for m in mask:
         m = _largest_component(m)
         cy, cx = ndimage.center_of_mass(m)
         ys, xs = cy - np.outer(np.cos(theta), radii), cx + np.outer(np.sin(theta), radii)
-        inside = ndimage.map_coordinates(m.astype(np.float32), [ys, xs], order=0, cval=0) > 0.5
+        inside = ndimage.map_coordinates(m.astype(np.float32), [ys, xs], order=order, cval=0) > 0.5
         last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)
-        edge = np.where(inside.any(axis=1), radii[last], 0.0)
+        yield cy, cx, np.where(inside.any(axis=1), radii[last], 0.0)
+
+
+def wavelength_spectrum(slab, mask, px_mm, depths=WAVE_DEPTHS_MM, n_angles=720, min_area=0.3):
+    """Power per log wavelength over WAVE_BINS_MM (normalised) of the intensity along iso-depth curves."""
+    acc = np.zeros(len(WAVE_BINS_MM) - 1)
+    theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    for img, (cy, cx, edge) in zip(slab[_large(mask, min_area)], _outlines(mask[_large(mask, min_area)], theta, 0.5, 0)):
         for dmm in depths:
             r = np.maximum(edge - dmm / px_mm, 0)
             py, px = cy - np.cos(theta) * r, cx + np.sin(theta) * r
@@ -276,6 +317,67 @@ def folding_index(slab, mask, depth, gm_wm_level, max_depth=FOLD_DEPTH_MM):
         inner += int((_line_length(img, gm_wm_level) & m & (d <= max_depth)).sum())
         outer += int(_line_length(m.astype(np.float32), 0.5).sum())
     return inner / outer if outer else float("nan")
+
+
+def gm_by_depth(slab, mask, depth, levels, edges=DEPTH_EDGES_MM):
+    """GM share of the in-brain pixels in each depth bin (NaN for an empty bin) and the pixel count per bin."""
+    levels = np.asarray(levels, np.float64)
+    cls = np.searchsorted((levels[:-1] + levels[1:]) / 2, slab[mask])
+    b = np.digitize(depth[mask], edges[1:-1], right=True)
+    count = np.bincount(b, minlength=len(edges) - 1)
+    gm = np.bincount(b, weights=(cls == 1), minlength=len(edges) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, gm / np.maximum(count, 1), np.nan), count
+
+
+def _share(profile, counts, lo, hi, edges=DEPTH_EDGES_MM):
+    """GM share over the depth bins inside (lo, hi] mm, weighted by their pixel counts."""
+    sel = (np.asarray(edges[:-1]) >= lo) & (np.asarray(edges[1:]) <= hi) & (counts > 0)
+    return float(np.sum(profile[sel] * counts[sel]) / counts[sel].sum()) if sel.any() else float("nan")
+
+
+def normal_rays(slab, mask, depth, px_mm, levels, ray_mm=RAY_MM, sulcus=SULCUS_MM):
+    """(WM depth in mm of every outline ray, whether each crossed CSF between sulcus[0] and sulcus[1] mm before WM);
+    see the module docstring."""
+    levels = np.asarray(levels, np.float64)
+    csf_gm, gm_wm = (levels[0] + levels[1]) / 2, (levels[1] + levels[2]) / 2
+    steps = np.arange(0, ray_mm / px_mm + 1e-9, 0.5)
+    wm, crossed = [], []
+    for img, m, d in zip(slab, mask, depth):
+        start = m & (d <= px_mm + 1e-6)
+        if not start.any():
+            continue
+        sm = ndimage.gaussian_filter(fill_outside(img, m), 0.5)
+        smd = ndimage.gaussian_filter(d, 2.0)
+        gy, gx = ndimage.sobel(smd, 0), ndimage.sobel(smd, 1)
+        y0, x0 = np.nonzero(start)
+        norm = np.hypot(gy[y0, x0], gx[y0, x0]) + 1e-9
+        uy, ux = gy[y0, x0] / norm, gx[y0, x0] / norm
+        ys, xs = y0[:, None] + uy[:, None] * steps, x0[:, None] + ux[:, None] * steps
+        prof = ndimage.map_coordinates(sm, [ys, xs], order=1, mode="nearest")
+        inside = ndimage.map_coordinates(m.astype(np.float32), [ys, xs], order=0, mode="constant") > 0.5
+        is_wm = (prof >= gm_wm) & inside
+        first = np.where(is_wm.any(axis=1), np.argmax(is_wm, axis=1), len(steps) - 1)
+        dist = steps * px_mm
+        wm.append(dist[first])
+        window = (dist > sulcus[0]) & (dist <= sulcus[1])
+        before = np.arange(len(steps))[None, :] < first[:, None]
+        crossed.append(((prof < csf_gm) & inside & window[None, :] & before).any(axis=1))
+    if not wm:
+        return np.zeros(0), np.zeros(0, bool)
+    return np.concatenate(wm), np.concatenate(crossed)
+
+
+def outline_roughness(mask, px_mm, harmonics=OUTLINE_HARMONICS, n_angles=720, min_area=0.3):
+    """Mean over slices of the RMS (mm) of the outline radius about its first `harmonics` Fourier harmonics."""
+    theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    out = []
+    for _, _, edge in _outlines(mask[_large(mask, min_area)], theta, 0.25, 1):
+        r = edge * px_mm
+        f = np.fft.rfft(r)
+        f[harmonics + 1:] = 0
+        out.append(float(np.sqrt(np.mean((r - np.fft.irfft(f, n_angles)) ** 2))))
+    return float(np.mean(out)) if out else float("nan")
 
 
 def mirror_dice(mask, angles=np.arange(-20, 20.1, 2.0), shifts=np.arange(-4, 4.1, 1.0)):
@@ -337,6 +439,8 @@ def brain_statistics(slab, px_mm, n_bands=4):
     hist, alignment = orientation(slab, mask, depth)
     spectrum = wavelength_spectrum(slab, mask, px_mm)
     dice, midline = mirror_dice(mask)
+    profile, counts = gm_by_depth(slab, mask, depth, levels)
+    wm_depth, crossed = normal_rays(slab, mask, depth, px_mm, levels)
     q = quantiles(values)
     q_bands = [quantiles(slab[b][mask[b]]) for b in bands]
     pct = lambda v: [float(x) for x in np.percentile(v, [10, 50, 90])] if v.size else [float("nan")] * 3  # noqa: E731
@@ -350,6 +454,13 @@ def brain_statistics(slab, px_mm, n_bands=4):
         "orientation": hist, "radial_alignment": float(alignment),
         "spectrum": spectrum, "wavelength_mm": dominant_wavelength(spectrum),
         "folding_index": float(folding_index(slab, mask, depth, (levels[1] + levels[2]) / 2)),
+        "gm_by_depth": profile, "depth_counts": counts,
+        "gm_outer": _share(profile, counts, 0.0, 6.0), "gm_inner": _share(profile, counts, 15.0, 30.0),
+        "wm_depth": quantiles(wm_depth, 200),
+        "wm_depth_median": float(np.median(wm_depth)) if wm_depth.size else float("nan"),
+        "wm_depth_p90": float(np.percentile(wm_depth, 90)) if wm_depth.size else float("nan"),
+        "csf_crossing": float(crossed.mean()) if crossed.size else float("nan"),
+        "outline_roughness": outline_roughness(mask, px_mm),
         "symmetry_dice": dice, "midline_deg": midline, "tilt_deg": tilt(mask),
         "px_mm": float(px_mm),
     }
@@ -366,6 +477,11 @@ def distance(key, a, b, band=None):
         return w1_histograms(a[key], b[key], np.full(ORIENT_BINS, 90.0 / ORIENT_BINS))
     if kind == "spectrum":
         return w1_histograms(a[key], b[key], np.diff(np.log2(WAVE_BINS_MM)))
+    if kind == "quantiles":
+        return w1_quantiles(a[key], b[key])
+    if kind == "profile":
+        both = np.isfinite(a[key]) & np.isfinite(b[key])
+        return float(np.mean(np.abs(np.asarray(a[key])[both] - np.asarray(b[key])[both]))) if both.any() else 0.0
     return float(abs(a[key] - b[key]))
 
 
@@ -373,6 +489,24 @@ def distance(key, a, b, band=None):
 def _interval(values):
     v = np.asarray(values, np.float64)
     return {"mean": float(np.mean(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+
+
+def verdict(kind, synthetic_values, real_values, nearer, real_to_real, floor):
+    """(verdict, offset, share of subjects inside the real range) of one statistic (see the module docstring).
+    synthetic_values: per subject (scalars; None otherwise); real_values: per real brain (scalars; None
+    otherwise); nearer: per subject, the distance to the nearer real brain."""
+    denominator = max(real_to_real, floor)
+    if kind == "scalar":
+        lo, hi, value = min(real_values), max(real_values), float(np.mean(synthetic_values))
+        share = float(np.mean([lo <= v <= hi for v in synthetic_values]))
+        if lo <= value <= hi:
+            return "inside", 0.0, share
+        offset = min(abs(value - lo), abs(value - hi)) / denominator
+    else:
+        share, offset = None, float(np.mean(nearer)) / denominator
+    if not np.isfinite(offset):
+        return "–", offset, share
+    return ("near" if offset <= 1.0 else "out"), float(offset), share
 
 
 def compare(synthetic, real):
@@ -402,7 +536,14 @@ def compare(synthetic, real):
         if kind == "scalar":
             values = {"synthetic": _interval([s[key] for s in synthetic]), **{r: float(real[r][key]) for r in names}}
         syn_real = _interval(per_subject)
+        nearer = [min(each[r][i] for r in names) for i in range(len(synthetic))]
+        scalar = kind == "scalar"
+        judged = verdict(kind, [s[key] for s in synthetic] if scalar else None,
+                         [real[r][key] for r in names] if scalar else None, nearer, real_real, floor)
         rows.append({
+            "verdict": judged[0], "offset": judged[1], "share_inside": judged[2],
+            "real_range": [float(min(real[r][key] for r in names)), float(max(real[r][key] for r in names))]
+            if scalar else None,
             "name": name, "label": label, "group": group, "unit": unit, "values": values,
             "synthetic_to_real": syn_real, "per_subject": per_subject,
             "synthetic_to_each": {r: float(np.mean(v)) for r, v in each.items()},
