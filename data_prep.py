@@ -25,7 +25,9 @@ def parse_args(argv=None):
                      help="generate N phantom subjects (NIfTI + cohort.csv) and build the store from them")
     src.add_argument("--synthetic-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS,
                      help="anatomy of the synthetic cohort: 2 (default: folded cortex, T1 contrast and pose "
-                          "measured against real scans) or 1 (the first phantom; mri/synthetic.py)")
+                          "measured against real scans), 3 (sulci from the surface over a white-matter core, "
+                          "separate deep nuclei, temporal lobes at the base; not yet closer to real scans than 2) "
+                          "or 1 (the first phantom); mri/synthetic/__init__.py")
     src.add_argument("--synthetic-visits", default=",".join(VISITS), metavar="bl,m12,...",
                      help="visit codes of every synthetic subject (ADNI-style: bl, mNN months after baseline), e.g. "
                           "bl,m12,m24,m48,m72 for longer spans; another list draws another cohort")

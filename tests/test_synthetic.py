@@ -18,6 +18,10 @@ SEED = 11  # the subject most tests look at
 # generator as it was before anatomy versions existed: version 1 must keep rendering exactly these
 V1_RENDERS = {(11, 70.0, 1.0, 3): "e4dc4ac74e34322b", (12, 80.0, -math.inf, 5): "8468287c03bcc308",
               (1234567, 66.5, -2.0, 9): "abcb1cbf956fc270"}
+# the same for version 2, computed before version 3 existed: version 2 (the published results' cohort) must keep
+# rendering exactly these
+V2_RENDERS = {(11, 70.0, 1.0, 3): "bd4106b76d517389", (12, 80.0, -math.inf, 5): "6ed12d8e743e1a9c",
+              (1234567, 66.5, -2.0, 9): "e8979f2ee286cfe4"}
 
 
 def volumes(age, tau, seed=SEED, version=1):
@@ -33,14 +37,33 @@ def render_hash(*args, **kwargs):
     return h.hexdigest()[:16]
 
 
-def test_version_1_renders_are_unchanged():
+def test_version_1_and_2_renders_are_unchanged():
     syn.anatomy._anatomy.cache_clear()
-    for args, digest in V1_RENDERS.items():
-        assert render_hash(*args, version=1) == digest, args
-    args, digest = next(iter(V1_RENDERS.items()))
-    assert render_hash(*args) == render_hash(*args, version=syn.DEFAULT_VERSION) != digest  # the default is v2
+    for version, renders in ((1, V1_RENDERS), (2, V2_RENDERS)):
+        for args, digest in renders.items():
+            assert render_hash(*args, version=version) == digest, (version, args)
+    args, digest = next(iter(V2_RENDERS.items()))
+    assert render_hash(*args) == render_hash(*args, version=syn.DEFAULT_VERSION) == digest  # the default is v2
+    assert render_hash(*args, version=3) not in (digest, V1_RENDERS[args])
     with pytest.raises(ValueError, match="unknown synthetic cohort version"):
-        syn.render(SEED, 70.0, 1.0, 3, version=3)
+        syn.render(SEED, 70.0, 1.0, 3, version=4)
+
+
+def test_version_3_has_a_white_matter_core_and_separate_deep_nuclei():
+    """Version 2's sulci reach 15-36 mm below the hull, so grey matter fills the hemisphere; version 3's stop
+    near 20 mm (x 0.6-1.4), leaving a white-matter core: the GM share of the brain tissue deeper than 25 mm
+    from the hull's outside (EDT in 3D) falls from ~0.16 to ~0.08 (measured on subjects 11 and 12)."""
+    def deep_gm_share(version, seed):
+        lab = syn.render_labels(seed, syn.REF_AGE, -math.inf, version=version)
+        depth = ndimage.distance_transform_edt(lab > 0) * syn.VOXEL_MM
+        tissue = np.isin(lab, (2, 3, 8, 9)) & (depth > 25)
+        return (lab == 2)[tissue].mean(), lab
+    for seed in (SEED, SEED + 1):
+        v2, _ = deep_gm_share(2, seed)
+        v3, lab = deep_gm_share(3, seed)
+        assert v3 < 0.11 < 0.13 < v2, (seed, v2, v3)
+        # thalamus, caudate and putamen of both sides are not merged: white matter (the internal capsule) between
+        assert ndimage.label(lab == syn.LABELS.index("deep_gm"))[1] >= 6
 
 
 @pytest.mark.parametrize("version", syn.VERSIONS)
@@ -125,7 +148,7 @@ def test_subjects_differ_more_than_visits(version):
     assert inter > 2 * intra, (inter, intra)
 
 
-@pytest.mark.parametrize("version, gm_wm, csf_wm", [(1, 0.75, 0.30), (2, 0.80, 0.33)])
+@pytest.mark.parametrize("version, gm_wm, csf_wm", [(1, 0.75, 0.30), (2, 0.80, 0.33), (3, 0.81, 0.33)])
 def test_tissue_contrast(version, gm_wm, csf_wm):
     vol, _ = syn.render(SEED, 70.0, -math.inf, noise_seed=4, version=version)
     lab = syn.render_labels(SEED, 70.0, -math.inf, version=version)

@@ -69,8 +69,27 @@ the ICBM152 2009a template and Colin27, reference/README.md):
     bias         sd 1.5 % of the log (about +-3 %; v1 4 %, +-8 %): what N3 correction leaves in ADNI's
                  preprocessed MPRAGE
 
+Version 3 (`--synthetic-version 3`; mri/synthetic/anatomy_v3.py, a subclass of version 2, not the default: it
+does not yet measure closer to the real references than version 2, see the README) keeps version 2's atrophy model,
+rates, masks, ribbon, pose, bias and file format and changes the shape of the cortex and of the base:
+
+    sulci        a band-limited field (wavelength 20 mm) read at each point's foot on the smooth hull (the point
+                 moved out along the hull's normal by its depth, plus a sideways drift of 0.3 mm per mm of depth),
+                 so every sulcus is a sheet that starts on the surface and runs inward, leaning and bending, down
+                 to 12-28 mm below the hull (20 mm x 0.6-1.4 by a slow field); below that a white-matter core
+    deep GM      thalamus, caudate head and body (along the ventricle's roof) and putamen as separate ellipsoids,
+                 the internal capsule (4-5 mm of WM) between caudate / thalamus and putamen
+    base         the cerebrum's lower half height varies from 44 mm (orbital frontal) to 28 mm (occipital lobe on
+                 the tentorium); temporal lobes 108 mm long hang below on each side; the hull joins cerebrum,
+                 cerebellum and brainstem over 3 mm (v2 6 mm), so less CSF fills the spaces between them
+    shape        upper half height 55 mm (v2 60) and the template stretched 1.1x vertically, so the slab centred
+                 on the centre of mass cuts the ventricles and basal ganglia at about the positions it cuts them
+                 in the real references; no CSF outside the smooth hull at age 50 (v2 0-0.5 mm)
+    contrast     cortical GM 0.80, deep GM 0.83, hippocampus 0.80 (v2 0.79, 0.81, 0.79): the class contrast
+                 WM-GM with the solid white-matter core
+
 Volumes are stored as int16 with scl_slope 2**-10 (`quantise` is that round trip); version 2 files carry
-"synthetic cohort v2" in the NIfTI description (version 1 files are unchanged, with none).
+"synthetic cohort v2" / "v3" in the NIfTI description (version 1 files are unchanged, with none).
 
 Not modelled: skull, scalp, eyes, vessels, dura/falx, choroid plexus, the fourth ventricle, cerebellar
 and brainstem atrophy beyond the global surface offset, amyloid/tau, motion, scanner and protocol effects

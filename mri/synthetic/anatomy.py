@@ -1,5 +1,6 @@
 """A subject's anatomy: implicit surfaces in a template frame, subject identity (pose, warp, gyral
-pattern, sizes), and the label volume at any age and disease time (versions 1 and 2)."""
+pattern, sizes), and the label volume at any age and disease time (versions 1 and 2; version 3 in
+anatomy_v3.py)."""
 import functools
 import math
 
@@ -23,7 +24,7 @@ BRAIN_LABELS = (2, 3, 4, 5, 8, 9)
 NOISE_SIGMA = 0.025
 BLUR_VOXELS = 0.8
 STORAGE_SLOPE = 2.0 ** -10  # int16 step of the stored volumes (exact in float32)
-VERSIONS = (1, 2)  # anatomy generations (see the module docstring); a cohort records its own
+VERSIONS = (1, 2, 3)  # anatomy generations (see the module docstring); a cohort records its own
 DEFAULT_VERSION = 2  # what a new cohort gets unless asked otherwise (version 1: the cohort before realism work)
 
 
@@ -204,6 +205,9 @@ class _Anatomy:
     angle_sd = (0.06, 0.04, 0.04)  # pose: pitch (about x), roll (y), yaw (z), radians
     shift_sd = (1.5, 2.0, 2.0)  # pose: world shift of the brain, mm
     mirror_warp = False  # hemispheres deformed independently
+    hull_blend = 6.0  # mm over which the inner-skull hull joins cerebrum, cerebellum and brainstem (CSF between)
+    height = 1.0  # world height of the brain over its template height (the template's z axis stretched)
+    warp = (3.0, 14.0)  # smooth deformation: sd of each component (mm), control-point spacing (voxels)
     hull_margin = (2.0, 3.5)  # range of the subarachnoid CSF width outside the smooth brain hull, mm
     ribbon = (2.6, 3.0)  # range of the cortical ribbon thickness at age 50, mm
     folia = (0.5, 8.0)  # half-width of the CSF between cerebellar folia, depth of the folia (mm)
@@ -222,27 +226,39 @@ class _Anatomy:
 
         g = [(np.arange(0, n + 1, 2, dtype=np.float32) - (n - 1) / 2) * VOXEL_MM - s for n, s in zip(SHAPE, shift)]
         coarse = template([g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]], warp)
-        cerebrum, cerebellum = _cerebrum(coarse, self.heights), _cerebellum(coarse, self.cerebellum)
+        cerebrum, cerebellum = self._cerebrum(coarse), _cerebellum(coarse, self.cerebellum)
         brainstem = _brainstem(coarse)
-        hull = _smin(_smin(cerebrum, cerebellum, 6.0), brainstem, 6.0)
+        k = self.hull_blend
+        hull = _smin(_smin(cerebrum, cerebellum, k), brainstem, k)
         self.index = np.flatnonzero(_upsample(hull) < rng.uniform(*self.hull_margin))
         self.n = self.index.size
         x = [((i - (n - 1) / 2) * VOXEL_MM - s).astype(np.float32)
              for i, n, s in zip(np.unravel_index(self.index, SHAPE), SHAPE, shift)]
         p = template(x, [self._fine(w) for w in warp])
         smooth = {name: self._fine(f) for name, f in (("cerebrum", cerebrum), ("cerebellum", cerebellum),
-                                                      ("brainstem", brainstem), ("deep_gm", _deep_gm(coarse)))}
+                                                      ("brainstem", brainstem), ("deep_gm", self._deep_gm(coarse)))}
         self.pial, self.no_ribbon = self._pial_field(rng, p, smooth)
         self.thickness = rng.uniform(*self.ribbon)
         self._deep_structures(rng, p, coarse, smooth["deep_gm"] < 0)
+
+    def _cerebrum(self, p):
+        """Signed field of the cerebral hull without sulci (negative inside)."""
+        return _cerebrum(p, self.heights)
+
+    def _deep_gm(self, p):
+        """Signed field of the deep grey nuclei (negative inside)."""
+        return _deep_gm(p)
 
     def _pose(self, rng):
         """(world -> template linear map, world shift, ~3 mm smooth warp on the coarse grid) of a subject."""
         scale = np.exp(rng.normal(-0.05, 0.04) + rng.normal(0, 0.025, 3)).clip(0.86, 1.03)
         angles = rng.normal(0, self.angle_sd)
         lin = (_rotation(*angles) / scale[:, None]).astype(np.float32)  # world -> template (no warp)
+        if self.height != 1.0:
+            lin[2] /= np.float32(self.height)
         shift = _WORLD_CENTRE + rng.normal(0, self.shift_sd).astype(np.float32)
-        warp = [np.float32(3.0) * _spline_field(_spline_coeffs(rng, 14.0), 14.0) for _ in range(3)]  # ~3 mm
+        mm, spacing = self.warp
+        warp = [np.float32(mm) * _spline_field(_spline_coeffs(rng, spacing), spacing) for _ in range(3)]
         return lin, shift, _symmetric(warp) if self.mirror_warp else warp
 
     def _fine(self, coarse_field):
@@ -420,6 +436,10 @@ class _AnatomyV2(_Anatomy):
 @functools.lru_cache(maxsize=2)
 def _anatomy(subject_seed, version=DEFAULT_VERSION):
     """The subject's template, cached (a worker renders all visits of a subject in a row)."""
-    return {1: _Anatomy, 2: _AnatomyV2}[_check_version(version)](subject_seed)
+    version = _check_version(version)
+    if version == 3:
+        from mri.synthetic.anatomy_v3 import _AnatomyV3  # a subclass of _AnatomyV2 (imports this module)
+        return _AnatomyV3(subject_seed)
+    return {1: _Anatomy, 2: _AnatomyV2}[version](subject_seed)
 
 
