@@ -6,19 +6,29 @@ the first visit's plan, so slice k of every visit shows the same anatomy): given
 attributes y_s, the target attributes y_t of another visit of the same subject and the age difference
 dt = age_t - age_s (years), it predicts that visit's slice x_t.
 
-Network (f = filters):
-    U  [x_s, tile(y_s, y_t)] -> (v_x, v_y, r) per year   the U-Net of models/vagan.py (no BatchNorm), 3 linear
-                                                         outputs: a displacement field (pixels per year) and an
-                                                         intensity rate (per year)
+Network (f = filters; c = [y_s, y_t without its age]: the source's attributes and the target's other ones):
+    U  [x_s, tile(c)] -> (v_x, v_y, r, g)   the U-Net of models/vagan.py (no BatchNorm), 4 linear outputs: a
+                                            displacement field v (pixels per year), an intensity rate r (per
+                                            year) and a nuisance g (no unit of time)
 Change, parameterised (`--parameterisation`):
     displacement   x' = clip(W(x_s, dt v) + dt r)     W samples x_s at p + dt v(p) (bilinear)
     intensity      x' = clip(x_s + dt r)
-Atrophy moves tissue borders; a displacement that grows with dt extrapolates from 1-2-year pairs to +-10 years
-where a difference image only scales. A diagnosis change at the same age (dt = 0) is no change: visit pairs
-rarely change diagnosis, and diagnosis enters as the rate's condition.
+The network never sees the target's age, so v and r do not depend on dt and the change is exactly linear in dt
+(before clipping; the warp moves borders by dt v): what is learnt from 1-2-year pairs is a rate that extrapolates
+to +-10 years, never a function of dt it was not trained at. Atrophy moves tissue borders; a displacement that
+grows with dt extrapolates where a difference image only scales. A diagnosis change at the same age (dt = 0) is
+no change: visit pairs rarely change diagnosis, and diagnosis enters as the rate's condition.
+
+The nuisance g. Both visits are noisy scans: x_s = s + n_s, x_t = s + dt c + n_t. The pair MSE's optimum is
+E[x_t | x_s] = x_s - E[n_s | x_s] + dt c: a denoising term that does not grow with time. A model x_s + dt r can
+only write it as a rate, which dt = 10 multiplies tenfold (the first run was worse than identity at +-10 years).
+So the follow-up is predicted in training as
+    x_t^ = clip(x' + g)          (g(x_s, c): the dt-independent part of the pair difference)
+and g is dropped by `manipulate`: the counterfactual of a scan keeps the scan's own noise (mri.synthetic
+re-renders a slice at other attributes with its noise seed), so the change applied is x' alone.
 
 Loss over a batch of pairs (M = the source's foreground grown by 2 pixels, means over pixels):
-    L = sum M (x' - x_t)^2 / sum M  +  lambda_smooth mean |grad v|^2
+    L = sum M (x_t^ - x_t)^2 / sum M  +  lambda_smooth mean |grad v|^2
 The targets carry their own scan noise, so the model learns the expected change. Outside M nothing changes.
 """
 import keras
@@ -60,7 +70,11 @@ class Longitudinal(keras.Model):
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}")
         self.schema, self.parameterisation, self.lambda_smooth = schema, parameterisation, lambda_smooth
-        self.net = map_generator(size, 2 * schema.width, filters, channels=3, norm=False)
+        if "age" not in schema.names:
+            raise ValueError("the longitudinal model needs the 'age' attribute (the time between visits)")
+        self.target_columns = np.array([k for k in range(schema.width) if not
+                                        schema.slices["age"].start <= k < schema.slices["age"].stop])
+        self.net = map_generator(size, schema.width + len(self.target_columns), filters, channels=4, norm=False)
         out = self.net.layers[-1]
         out.kernel.assign(ops.zeros_like(out.kernel))   # the untrained model changes nothing
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
@@ -82,19 +96,20 @@ class Longitudinal(keras.Model):
         return list(self.trackers.values())
 
     def fields(self, x, y_s, y_t, training=False):
-        """(displacement per year (N, S, S, 2), intensity rate per year (N, S, S, 1))."""
-        out = self.net([x, ops.concatenate([y_s, y_t], axis=1)], training=training)
-        if self.parameterisation == "intensity":
-            return ops.zeros_like(out[..., :2]), out[..., 2:]
-        return out[..., :2], out[..., 2:]
+        """(displacement per year (N, S, S, 2), intensity rate per year (N, S, S, 1), nuisance (N, S, S, 1)),
+        from the source's attributes and the target's without its age."""
+        cond = ops.concatenate([y_s, ops.take(y_t, self.target_columns, axis=1)], axis=1)
+        out = self.net([x, cond], training=training)
+        v = ops.zeros_like(out[..., :2]) if self.parameterisation == "intensity" else out[..., :2]
+        return v, out[..., 2:3], out[..., 3:]
 
-    def change(self, x, y_s, y_t, dt, training=False):
+    def change(self, x, y_s, y_t, dt, training=False, nuisance=False):
         """(x', per-year displacement): x changed by dt years (dt (N,)) towards y_t, unchanged outside the
-        grown foreground."""
-        v, r = self.fields(x, y_s, y_t, training)
+        grown foreground; with `nuisance` (training's prediction of the follow-up scan) plus g."""
+        v, r, g = self.fields(x, y_s, y_t, training)
         dt = ops.reshape(ops.cast(dt, "float32"), (-1, 1, 1, 1))
         moved = warp(x, dt * v) if self.parameterisation == "displacement" else x
-        changed = ops.clip(moved + dt * r, -1.0, 1.0)
+        changed = ops.clip(moved + dt * r + (g if nuisance else 0.0), -1.0, 1.0)
         inside = foreground(x)
         return inside * changed + (1.0 - inside) * x, v
 
@@ -109,7 +124,7 @@ class Longitudinal(keras.Model):
 
     def losses_of(self, data, training=False):
         x, y_s, y_t, dt, target = self.split(data)
-        changed, v = self.change(x, y_s, y_t, dt, training)
+        changed, v = self.change(x, y_s, y_t, dt, training, nuisance=True)
         m = foreground(x)
         pair = ops.sum(m * ops.square(changed - target)) / ops.maximum(ops.sum(m), 1.0)
         smooth = (ops.mean(ops.square(v[:, 1:] - v[:, :-1])) + ops.mean(ops.square(v[:, :, 1:] - v[:, :, :-1])))
@@ -117,7 +132,7 @@ class Longitudinal(keras.Model):
         return pair, smooth, ident
 
     def train_step(self, data):
-        """One Adam step on L = pair MSE inside the brain + lambda_smooth |grad v|^2."""
+        """One Adam step on L = pair MSE (with the nuisance) inside the brain + lambda_smooth |grad v|^2."""
         import tensorflow as tf
         with tf.GradientTape() as tape:
             pair, smooth, ident = self.losses_of(data, training=True)
@@ -130,7 +145,7 @@ class Longitudinal(keras.Model):
         return {name: t.result() for name, t in self.trackers.items()}
 
     def manipulate(self, images, source_attrs, target_attrs):
-        """Each slice changed by (target age - source age) years towards the target attributes."""
+        """Each slice changed by (target age - source age) years towards the target attributes (no nuisance)."""
         x = np.asarray(images, np.float32)
         y_s, y_t = self.schema.encode(source_attrs), self.schema.encode(target_attrs)
         dt = np.asarray(target_attrs["age"], np.float32) - np.asarray(source_attrs["age"], np.float32)
@@ -139,8 +154,6 @@ class Longitudinal(keras.Model):
 
 
 def from_args(args, schema):
-    if "age" not in schema.names:
-        raise ValueError("the longitudinal model needs the 'age' attribute (the time between visits)")
     return Longitudinal(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"],
                         args["parameterisation"], args["lambda_smooth"], args["seed"])
 

@@ -61,23 +61,92 @@ def _model(schema, parameterisation="displacement", perturb=True):
     return m
 
 
+def _inputs(store, idx, schema):
+    x = store.images(idx)[..., None]
+    src = {"age": store.attrs["age"][idx], "dx": store.attrs["dx"][idx]}
+    return x, src
+
+
+def _tensors(schema, x, src, tgt):
+    return ops.convert_to_tensor(x), ops.convert_to_tensor(schema.encode(src)), ops.convert_to_tensor(schema.encode(tgt))
+
+
 def test_no_change_without_time_outside_the_head_or_untrained(planted):
     with SliceStore(planted) as store:
         schema = store.schema.select(["age", "dx"])
-        idx = np.arange(8)
-        x = store.images(idx)[..., None]
-        src = {"age": store.attrs["age"][idx], "dx": store.attrs["dx"][idx]}
+        x, src = _inputs(store, np.arange(8), schema)
         older = dict(src, age=src["age"] + 1.0)
         assert np.array_equal(_model(schema, perturb=False).manipulate(x, src, older), x)
         model = _model(schema)
         y = model.manipulate(x, src, older)
         inside = np.asarray(longitudinal.foreground(x)) > 0
         assert np.abs(y - x)[inside].max() > 1e-3 and np.array_equal(y[~inside], x[~inside])
+        # dt = 0 (a diagnosis change at the same age): no change, although the nuisance g is far from 0
+        g = np.asarray(model.fields(*_tensors(schema, x, src, older))[2])
+        assert np.abs(g)[inside].mean() > 1e-2
         np.testing.assert_array_equal(model.manipulate(x, src, dict(src, dx=(src["dx"] + 1) % 3)), x)
         assert np.abs(model.manipulate(x, src, dict(src, age=src["age"] + 2.0)) - x)[inside].mean() > \
             np.abs(y - x)[inside].mean()
-        v, r = _model(schema, "intensity").fields(ops.convert_to_tensor(x), *(ops.convert_to_tensor(schema.encode(a)) for a in (src, older)))
+        v, r, _ = _model(schema, "intensity").fields(*_tensors(schema, x, src, older))
         assert not np.any(np.asarray(v)) and np.any(np.asarray(r))
+
+
+def test_rate_does_not_see_the_target_age(planted):
+    """The fields are functions of the slice, the source's attributes and the target's diagnosis only: the same
+    for a target 1 or 10 years away (so the change is a rate times dt), different for another target diagnosis."""
+    with SliceStore(planted) as store:
+        schema = store.schema.select(["age", "dx"])
+        x, src = _inputs(store, np.arange(6), schema)
+        model = _model(schema)
+        near, far = (model.fields(*_tensors(schema, x, src, dict(src, age=src["age"] + d))) for d in (1.0, 10.0))
+        for a, b in zip(near, far):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        other = model.fields(*_tensors(schema, x, src, dict(src, dx=(src["dx"] + 1) % 3)))
+        assert np.abs(np.asarray(other[1]) - np.asarray(near[1])).max() > 1e-6
+        older_source = model.fields(*_tensors(schema, x, dict(src, age=src["age"] + 5.0), src))
+        assert np.abs(np.asarray(older_source[1]) - np.asarray(near[1])).max() > 1e-6
+
+
+@pytest.mark.parametrize("parameterisation", ["displacement", "intensity"])
+def test_manipulate_is_the_rate_times_dt_without_the_nuisance(planted, parameterisation):
+    """manipulate = clip(W(x, dt v) + dt r) inside the grown foreground, computed here from the fields, for
+    dt = +3 and -7 years; the training prediction of the follow-up adds g; the intensity change doubles with dt."""
+    with SliceStore(planted) as store:
+        schema = store.schema.select(["age", "dx"])
+        x, src = _inputs(store, np.arange(6), schema)
+        model = _model(schema, parameterisation)
+        inside = np.asarray(longitudinal.foreground(x)) > 0
+        for dt in (3.0, -7.0):
+            tgt = dict(src, age=src["age"] + dt)
+            v, r, g = (np.asarray(a) for a in model.fields(*_tensors(schema, x, src, tgt)))
+            moved = np.asarray(longitudinal.warp(x, dt * v)) if parameterisation == "displacement" else x
+            expected = np.where(inside, np.clip(moved + dt * r, -1, 1), x)
+            np.testing.assert_allclose(model.manipulate(x, src, tgt), expected, atol=1e-5)
+            dts = ops.convert_to_tensor(np.full(len(x), dt, np.float32))
+            followup = np.asarray(model.change(*_tensors(schema, x, src, tgt), dts, nuisance=True)[0])
+            np.testing.assert_allclose(followup, np.where(inside, np.clip(moved + dt * r + g, -1, 1), x), atol=1e-5)
+        if parameterisation == "intensity":
+            one, two = (model.manipulate(x, src, dict(src, age=src["age"] + d)) - x for d in (0.5, 1.0))
+            free = inside & (np.abs(x + 2 * one) < 0.99)     # not clipped
+            np.testing.assert_allclose(two[free], 2 * one[free], atol=1e-5)
+            assert np.abs(one[free]).mean() > 1e-3
+
+
+def test_pair_loss_is_the_followup_prediction_error(planted):
+    """losses_of's pair MSE is the masked MSE of clip(W + dt r + g) against the follow-up (g included)."""
+    with SliceStore(planted) as store:
+        schema = store.schema.select(["age", "dx"])
+        model = _model(schema)
+        pairs = VisitPairs(store, "train", ["age", "dx"], batch_size=8, seed=1)
+        batch = pairs.batch(0)
+        x, y_s, y_t, dt, target = (np.asarray(a) for a in model.split(tuple(ops.convert_to_tensor(a) for a in batch)))
+        v, r, g = (np.asarray(a) for a in model.fields(*(ops.convert_to_tensor(a) for a in (x, y_s, y_t))))
+        d = dt.reshape(-1, 1, 1, 1)
+        m = np.asarray(longitudinal.foreground(x))
+        pred = np.where(m > 0, np.clip(np.asarray(longitudinal.warp(x, d * v)) + d * r + g, -1, 1), x)
+        pair, _, ident = (float(a) for a in model.losses_of(tuple(ops.convert_to_tensor(a) for a in batch)))
+        np.testing.assert_allclose(pair, (m * (pred - target) ** 2).sum() / m.sum(), rtol=1e-4)
+        np.testing.assert_allclose(ident, (m * (x - target) ** 2).sum() / m.sum(), rtol=1e-4)
 
 
 def test_training_learns_the_change_and_resumes_exactly(planted, tmp_path):
