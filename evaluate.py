@@ -5,6 +5,17 @@
         --methods identity,meandiff,truth,runs/fader/default --out reports/default
 
 Writes <out>/metrics.json, <out>/report.md and trajectory PNGs (sample sizes in their names and captions).
+
+    python evaluate.py --followup --store data/synthetic.h5 \
+        --methods identity,meandiff,truth,runs/fader/default --out reports/followup
+
+--followup scores the follow-up protocol instead (evaluation/followup.py; no oracle needed): for each test
+subject with two or more visits, every earlier visit's slice is turned into a later visit's attributes and
+scored against the real later slice at the same axial index (MSE and SSIM, whole and brain; the correlation of
+the predicted with the observed change inside the brain), with subject-level intervals and paired differences
+to identity and meandiff. Any store whose test subjects have follow-up visits (ADNI included); on synthetic
+stores also a re-scan noise floor and the same pairs against the true counterfactual. --n caps the pairs of
+slices; metrics.json's key "followup", a "Follow-up" section in report.md.
 """
 import argparse
 import os
@@ -18,16 +29,20 @@ from mri.training import add_verbose_arg
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="HDF5 slice store (its test split is evaluated)")
-    p.add_argument("--oracle", required=True,
+    p.add_argument("--oracle",
                    help="run directory of train_oracle.py; it may be trained on another store with the same "
-                        "attributes and image size (recommended: one that shares no subjects with the methods)")
+                        "attributes and image size (recommended: one that shares no subjects with the methods); "
+                        "required except with --followup, which does not use it")
+    p.add_argument("--followup", action="store_true",
+                   help="score the follow-up protocol instead: earlier visits turned into later visits' attributes "
+                        "against the real later slices (test subjects with two or more visits)")
     p.add_argument("--attrs", default="",
                    help="comma-separated attributes to change and score (default: all the oracle predicts); "
                         "meandiff is fitted on them")
     p.add_argument("--methods", default="identity,meandiff",
                    help="comma-separated baselines (identity, meandiff, truth) and run directories")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--n", type=int, default=512, help="test slices sampled")
+    p.add_argument("--n", type=int, default=512, help="test slices sampled (--followup: pairs of slices)")
     p.add_argument("--subjects", type=int, default=4, help="test subjects (rows) in the trajectory figures")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of test subjects for the 95%% intervals")
@@ -37,6 +52,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.attrs = [a for a in args.attrs.split(",") if a]
+    if not args.followup and not args.oracle:
+        p.error("give --oracle (a train_oracle.py run), or --followup for the follow-up protocol, which needs none")
     if not args.methods or args.n < 2 or args.bootstrap < 100:
         p.error("give at least one method in --methods, --n >= 2 and --bootstrap >= 100")
     return args
@@ -52,6 +69,8 @@ def main(argv=None):
     from mri.synthetic import is_synthetic
     import evaluation
     keras.utils.set_random_seed(args.seed)
+    if args.followup:
+        return followup(args)
     with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
         store = SliceStore(args.store)
         oracle = load_oracle(args.oracle)
@@ -68,6 +87,25 @@ def main(argv=None):
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(evaluation.report_markdown(metrics, f"Evaluation of {', '.join(methods)}"))
+    print(f"wrote {os.path.abspath(args.out)}/report.md")
+
+
+def followup(args):
+    from models import load_method
+    import evaluation
+    with exit_on(StoreError, FileNotFoundError, KeyError, ValueError):
+        store = SliceStore(args.store)
+        attrs = args.attrs or store.schema.names
+        missing = [a for a in attrs if a not in store.schema.names]
+        if missing:
+            raise ValueError(f"--attrs {missing} are not in {store.path} ({store.schema.names})")
+        methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
+        result = evaluation.evaluate_followup(store, methods, args.n, args.seed, args.batch_size, attrs,
+                                              args.bootstrap)
+    metrics = {"followup": result}
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(evaluation.report_markdown(metrics, f"Follow-up evaluation of {', '.join(methods)}"))
     print(f"wrote {os.path.abspath(args.out)}/report.md")
 
 

@@ -55,6 +55,18 @@ def cosine(a, b, mask):
         return np.where(norms > 0, (a * b).sum(1) / norms, np.nan)
 
 
+def correlation(x, y, mask):
+    """Pearson correlation of each pair of images inside its mask, (N, H, W[, 1]) -> (N,): the cosine of the
+    two centred on their means inside the mask; 0 where x is constant there and y is not (a method that
+    predicts no change predicts none of the observed one), NaN where y is constant or the mask is empty."""
+    m = np.asarray(mask, bool).reshape(len(mask), -1)
+    x, y = (np.asarray(v, np.float64).reshape(m.shape) for v in (x, y))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc, yc = ((v - (v * m).sum(1, keepdims=True) / m.sum(1, keepdims=True)) * m for v in (x, y))
+    flat = lambda v: (v ** 2).sum(1) <= 1e-12 * np.maximum(m.sum(1), 1)
+    return np.where(flat(xc) & ~flat(yc), 0.0, cosine(np.where(flat(xc)[:, None], 0.0, xc), yc, m))
+
+
 def l1(x, y):
     return np.mean(np.abs(np.asarray(x, np.float64) - y), axis=tuple(range(1, np.ndim(x))))
 

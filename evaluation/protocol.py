@@ -56,7 +56,10 @@ N_BOOT = 1000          # bootstrap resamples
 DIRECTION = {"mae": -1, "oracle_shift": 1, "accuracy": 1, "target_prob_shift": 1, "reversibility_l1": -1,
              "kid": -1, "gt_mse": -1, "gt_change_cosine": 1, "gt_ssim": 1, "gt_mse_brain": -1, "gt_ssim_brain": 1,
              "ventricles_change_error_mm2": -1, "hippocampus_change_error_mm2": -1,
-             "reconstruction_mse": -1, "composition_l1": -1}
+             "reconstruction_mse": -1, "composition_l1": -1,
+             # the follow-up protocol (evaluation/followup.py)
+             "fu_mse": -1, "fu_ssim": 1, "fu_mse_brain": -1, "fu_ssim_brain": 1, "fu_change_corr": 1,
+             "gt_change_corr": 1}
 REFERENCES = ("meandiff", "identity")
 # the no-change floor (and the identity method) is perfect on these by construction
 # --- protocol -------------------------------------------------------------------------------------------

@@ -42,10 +42,70 @@ def _table(header, rows):
     return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+FOLLOWUP_COLUMNS = [("MSE ↓", "fu_mse"), ("MSE brain ↓", "fu_mse_brain"), ("SSIM ↑", "fu_ssim"),
+                    ("SSIM brain ↑", "fu_ssim_brain"), ("change corr. ↑", "fu_change_corr")]
+FOLLOWUP_GT_COLUMNS = [("GT MSE ↓", "gt_mse"), ("GT MSE brain ↓", "gt_mse_brain"), ("GT SSIM brain ↑", "gt_ssim_brain"),
+                       ("GT change corr. ↑", "gt_change_corr")]
+
+
+def followup_markdown(f):
+    """The follow-up protocol's section (evaluation/followup.py): values with intervals, paired differences
+    to meandiff and identity with verdicts, the noise floor and (synthetic) the ground truth of the same pairs
+    and how the follow-up scores predict it."""
+    from evaluation.followup import NOISE_FLOOR
+    span = f.get("span_years")
+    lines = ["## Follow-up: earlier visits turned into later visits' attributes, scored against the later scans", "",
+             f"{f['pairs']} pairs of slices from {f['visit_pairs']} pairs of visits of {f['subjects']} test subjects "
+             f"(seed {f['seed']})" + (f", {span['mean']:.2f} years apart on average ({span['min']:.2f}-{span['max']:.2f})"
+                                      if span else "") + "; visits " + {True: "registered to the first visit by data_prep",
+                                                                        False: "not registered (--no-register)"}.get(
+                 f.get("registered"), "of unknown registration") + ". Values: mean over pairs [95 % interval from "
+             f"{f['bootstrap']['resamples']} resamples of test subjects]. MSE/SSIM: the method's image against the "
+             "real later slice (brain = inside the earlier slice's brain); change corr.: Pearson correlation, inside "
+             "the brain, of the predicted change (output - earlier) with the observed one (later - earlier), 0 for "
+             "no predicted change.", ""]
+    rows = [(FLOOR, f["floor"], ())] + [(k, v, v.get("by_construction", ())) for k, v in f["methods"].items()]
+    if "noise_floor" in f:
+        rows.append((NOISE_FLOOR, f["noise_floor"], ()))
+    partial = [f"{k} {v['pairs']}" for k, v in f["methods"].items() if v["pairs"] < f["pairs"]]
+    if partial:
+        lines += [f"Pairs scored, of {f['pairs']}: {', '.join(partial)}.", ""]
+    groups = [FOLLOWUP_COLUMNS] + ([FOLLOWUP_GT_COLUMNS] if f["synthetic"] else [])
+    for cols in groups:
+        lines += _table(["method"] + [c for c, _ in cols], [[r] + [_cell(s, k, fixed) for _, k in cols]
+                                                            for r, s, fixed in rows]) + [""]
+    if "noise_floor" in f:
+        lines += [f"{NOISE_FLOOR}: the later visit re-rendered with another noise seed (another scan of the same "
+                  "brain), scored as a prediction: no method can be expected to do better. GT: against the true "
+                  "counterfactual of the earlier slice at the later attributes (GT change corr.: predicted against "
+                  "true change).", ""]
+    keys = [(c, k) for c, k in FOLLOWUP_COLUMNS + (FOLLOWUP_GT_COLUMNS if f["synthetic"] else []) if k in DIRECTION]
+    for ref in REFERENCES:
+        compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
+        if compared:
+            lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
+                      "excludes 0):", ""]
+            lines += _table(["method"] + [c for c, _ in keys],
+                            [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+    a = f.get("agreement")
+    if a:
+        across = ", ".join(f"{k} {_fmt(v)}" for k, v in a["across_methods"].items())
+        lines += [f"How the follow-up scores predict the ground-truth ones: rank correlation over the "
+                  f"{len(a['rows'])} rows' means (fu_mse_brain with gt_mse_brain, fu_change_corr with "
+                  f"gt_change_corr): {across}; Pearson correlation over each row's pairs:", ""]
+        lines += _table(["method", "MSE brain: fu vs GT", "change corr.: fu vs GT"],
+                        [[r, _fmt(v.get("fu_mse_brain")), _fmt(v.get("fu_change_corr"))]
+                         for r, v in a["per_pair"].items()]) + [""]
+    return lines
+
+
 def report_markdown(metrics, title="Evaluation"):
     """The metrics as markdown: per attribute, the values with their intervals and the paired differences to
-    meandiff and identity with verdicts; unchanged attributes; the oracle on the test split; figures."""
+    meandiff and identity with verdicts; unchanged attributes; the oracle on the test split; figures; the
+    follow-up protocol (alone when only it was run)."""
     m = metrics
+    if "protocol" not in m:
+        return "\n".join([f"# {title}", "", f"Store `{m['followup']['store']}`.", ""] + followup_markdown(m["followup"]))
     boot = m.get("bootstrap", {})
     lines = [f"# {title}", "",
              f"Store `{m['store']}`, oracle `{m.get('oracle', '?')}`: n = {m['n']} test slices of {m.get('subjects', '?')} "
@@ -104,4 +164,6 @@ def report_markdown(metrics, title="Evaluation"):
         lines += ["", "## Trajectories", ""]
         for f in m["figures"]:
             lines += [f"![{f['file']}]({f['file']})", "", f"{f['file']}: {f['caption']}.", ""]
+    if m.get("followup"):
+        lines += [""] + followup_markdown(m["followup"])
     return "\n".join(lines) + "\n"

@@ -20,9 +20,9 @@ NAMES = ("identity", "meandiff", "truth")
 
 
 UNCHANGED_METRICS = ("reconstruction_mse", "composition_l1")
-GROUND_TRUTH_METRICS = ("gt_mse", "gt_ssim", "gt_mse_brain", "gt_ssim_brain", "gt_change_cosine",
-                        "ventricles_change_bias_mm2",
-                        "ventricles_change_error_mm2", "hippocampus_change_bias_mm2", "hippocampus_change_error_mm2")
+GROUND_TRUTH_METRICS = ("gt_mse", "gt_ssim", "gt_mse_brain", "gt_ssim_brain", "gt_change_cosine", "gt_change_corr",
+                        "ventricles_change_bias_mm2", "ventricles_change_error_mm2", "hippocampus_change_bias_mm2",
+                        "hippocampus_change_error_mm2")
 
 
 def make(name, store, attrs=None):

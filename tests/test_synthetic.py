@@ -272,6 +272,15 @@ def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
         assert "masks" not in again and again["images"] is older["images"] and not again["images"].flags.writeable
         demented = syn.counterfactual(st, idx, dx=np.full(len(idx), 2))
         assert demented["hippocampus"].sum() < own["hippocampus"].sum()
+        # another scan of the same brain (the follow-up protocol's noise floor): the own seeds give the stored
+        # slices; other seeds the same anatomy (true areas) with other noise
+        seeds = st.csv("noise_seed", idx).astype(np.int64)
+        np.testing.assert_array_equal(syn.counterfactual(st, idx, noise_seed=seeds)["images"], own["images"])
+        rescan = syn.counterfactual(st, idx, noise_seed=seeds + 1)
+        np.testing.assert_array_equal(rescan["ventricles"], own["ventricles"])
+        brain = own["images"] > -0.99
+        d = (rescan["images"] - own["images"])[brain]
+        assert 0.02 < d.std() < 0.2 and abs(d.mean()) < 0.05
 
 
 @pytest.mark.parametrize("synthetic_store", [1], indirect=True)

@@ -108,29 +108,30 @@ TRUTH_COLUMNS = ("AGE", "Years_bl", "subject_seed", "onset_age", "noise_seed")
 STRUCTURES = ("brain", "ventricles", "hippocampus")
 
 
-def counterfactual(store, indices, age=None, dx=None, masks=False):
+def counterfactual(store, indices, age=None, dx=None, masks=False, noise_seed=None):
     """The exact counterfactual of stored slices: each slice's subject re-rendered at the target age and/or
     diagnosis (same anatomy, same noise seed; disease clock by `disease_clock`), quantised as the stored
     files are, and cut with the slice's own preprocessing plan (same geometry; intensity scale recomputed
     from the new volume, as data_prep would). `age` (years) and `dx` (class indices of the store's `dx`
-    attribute) are (N,) arrays or None (keep the slice's own).
+    attribute) are (N,) arrays or None (keep the slice's own). `noise_seed` (N,) ints replace the scans'
+    own noise seeds (bias field and noise): another scan of the same brain (the follow-up protocol's floor).
 
     Returns {"images": (N, S, S) float32 in [-1, 1], "brain"/"ventricles"/"hippocampus": (N,) true areas in
     mm^2 from the structure masks} and, with masks=True, "masks": {structure: (N, S, S) float32 fractions}.
     The arrays are read-only: the store keeps the last result, because evaluate.py asks for the same
     counterfactual several times in a row (ground truth, then the `truth` method; repeated unchanged calls)."""
     idx = np.asarray(indices)
-    key = tuple(None if a is None else np.asarray(a, np.float64).tobytes() for a in (idx, age, dx))
+    key = tuple(None if a is None else np.asarray(a, np.float64).tobytes() for a in (idx, age, dx, noise_seed))
     last = getattr(store, "_last_counterfactual", None)
     if last is None or last[0] != key or (masks and "masks" not in last[1]):
-        out = _render_counterfactual(store, idx, age, dx, masks)
+        out = _render_counterfactual(store, idx, age, dx, masks, noise_seed)
         for a in [out["images"], *(out[s] for s in STRUCTURES), *out.get("masks", {}).values()]:
             a.setflags(write=False)
         store._last_counterfactual = last = (key, out)
     return {k: v for k, v in last[1].items() if masks or k != "masks"}
 
 
-def _render_counterfactual(store, idx, age, dx, masks):
+def _render_counterfactual(store, idx, age, dx, masks, noise_seed=None):
     from mri.data.volumes import apply_plan, intensity_scale, normalise
     missing = [c for c in TRUTH_COLUMNS if f"csv/{c}" not in store.file]
     if missing:
@@ -152,17 +153,18 @@ def _render_counterfactual(store, idx, age, dx, masks):
     target_age = visit_age if age is None else np.asarray(age, np.float64).reshape(n)
     # the store's float32 age of a slice is its own visit age: re-render at the exact one, as the file was
     target_age = np.where(np.abs(target_age - visit_age) < 1e-4, visit_age, target_age)
+    noise = col["noise_seed"][idx] if noise_seed is None else np.asarray(noise_seed, np.int64).reshape(n)
     out = {"images": np.zeros((n, size, size), np.float32), **{s: np.zeros(n) for s in STRUCTURES}}
     if masks:
         out["masks"] = {s: np.zeros((n, size, size), np.float32) for s in STRUCTURES}
     groups = {}
     for i, j in enumerate(idx):
         key = (int(store.volume[j]), round(float(target_age[i]), 6),
-               None if target_dx is None else int(target_dx[i]))
+               None if target_dx is None else int(target_dx[i]), int(noise[i]))
         groups.setdefault(key, []).append(i)
-    for (volume, t_age, t_dx), rows in sorted(groups.items(), key=lambda kv: (col["subject_seed"][idx[kv[1][0]]], kv[0])):
+    for (volume, t_age, t_dx, seed), rows in sorted(groups.items(), key=lambda kv: (col["subject_seed"][idx[kv[1][0]]], kv[0])):
         j = idx[rows[0]]
-        row = {c: col[c][j] for c in (*TRUTH_COLUMNS, "synthetic_version")}
+        row = dict({c: col[c][j] for c in (*TRUTH_COLUMNS, "synthetic_version")}, noise_seed=seed)
         row["DX"] = classes[own_dx[rows[0]]] if own_dx is not None else "CN"
         vol, m = render_row(row, age=t_age, dx=None if t_dx is None else classes[t_dx])
         plan = dict(store.plan(volume))
