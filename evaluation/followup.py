@@ -20,17 +20,20 @@ with verdicts, by evaluation.protocol's `summarise` and `_verdict`.
 
 Two scans of one brain at one time differ (noise, bias field, intensity scale), so no method reaches 0. On
 synthetic stores the **noise floor** re-renders the later visit with another noise seed (a re-scan,
-`mri.synthetic.counterfactual(noise_seed=...)`; no method sees it) and scores it as a prediction: the best
-a method that knew the later anatomy exactly could do. There the same pairs are also scored against the
+`mri.synthetic.counterfactual(noise_seed=...)`; no method sees it) and scores it as a prediction: what
+knowing the later anatomy exactly gives with scan noise of its own. A reference, not a bound: a noise-free
+prediction halves its MSE, and the observed change z - x holds the earlier slice's noise with the opposite
+sign, so any change that removes it (smoothing) correlates with the observed change without predicting any
+anatomy (measured in the README). There the same pairs are also scored against the
 **ground truth**, the true counterfactual of x at the later attributes (gt_mse, gt_mse_brain, gt_ssim_brain,
 and gt_change_corr: the predicted change against the true one), and `agreement` says how well the follow-up
 scores predict the ground-truth ones: per method the correlation over pairs, and over the methods (floor and
-methods, not the noise floor) the rank correlation of their means.
+methods, not the noise floor nor `truth`, exact by construction) the rank correlation of their means.
 """
 import numpy as np
 
 from evaluation.metrics import above_background, correlation, mse, ssim
-from evaluation.protocol import FLOOR, manipulated, summarise, told
+from evaluation.protocol import FLOOR, is_reference, manipulated, summarise, told
 from models import supported
 from mri import stats
 from mri.data.pipeline import visit_key
@@ -194,5 +197,6 @@ def evaluate_followup(store, methods, n=512, seed=0, batch_size=64, attrs=None, 
     if noise is not None:
         result["noise_floor"] = summarise({NOISE_FLOOR: noise}, groups, boot, [], {})[NOISE_FLOOR]
         rows = {FLOOR: result["floor"], **result["methods"]}
-        result["agreement"] = agreement({FLOOR: per_pair[FLOOR], **{m: per_pair[m] for m in methods}}, rows)
+        rows = {m: s for m, s in rows.items() if m == FLOOR or not is_reference(methods[m])}   # truth: GT exact
+        result["agreement"] = agreement({m: per_pair[m] for m in rows}, rows)
     return result

@@ -76,9 +76,12 @@ def followup_markdown(f):
                                                             for r, s, fixed in rows]) + [""]
     if "noise_floor" in f:
         lines += [f"{NOISE_FLOOR}: the later visit re-rendered with another noise seed (another scan of the same "
-                  "brain), scored as a prediction: no method can be expected to do better. GT: against the true "
-                  "counterfactual of the earlier slice at the later attributes (GT change corr.: predicted against "
-                  "true change).", ""]
+                  "brain), scored as a prediction: what knowing the later anatomy exactly gives when the prediction "
+                  "carries scan noise of its own. A reference, not a bound: a noise-free prediction of the later "
+                  "anatomy halves its MSE, and any change that removes the earlier slice's noise (smoothing) "
+                  "correlates with the observed change, which holds that noise with the opposite sign. GT: against "
+                  "the true counterfactual of the earlier slice at the later attributes (GT change corr.: predicted "
+                  "against true change).", ""]
     keys = [(c, k) for c, k in FOLLOWUP_COLUMNS + (FOLLOWUP_GT_COLUMNS if f["synthetic"] else []) if k in DIRECTION]
     for ref in REFERENCES:
         compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
