@@ -41,8 +41,6 @@ from mri.synthetic import is_synthetic
 
 NOISE_FLOOR = "noise floor (re-scan)"
 RESCAN_SEED = 1_000_003   # the re-scan's noise seed: the later scan's own + this
-FOLLOWUP_METRICS = ("fu_mse", "fu_ssim", "fu_mse_brain", "fu_ssim_brain", "fu_change_corr")
-TRUTH_METRICS = ("gt_mse", "gt_mse_brain", "gt_ssim_brain", "gt_change_corr")
 AGREEMENT = (("fu_mse_brain", "gt_mse_brain"), ("fu_change_corr", "gt_change_corr"))
 
 
@@ -149,7 +147,7 @@ def _pearson(a, b):
 
 def agreement(per_pair, summaries):
     """How the follow-up scores predict the ground-truth ones: {"per_pair": {row: {metric: r}}} (Pearson over
-    the pairs of each row) and {"across_methods": {metric: rank correlation of the rows' means}, "rows": k}."""
+    the pairs of each row) and {"across_methods": {metric: rank correlation of the rows' means}, "rows": [their names]}."""
     from scipy.stats import spearmanr
     out = {"per_pair": {m: {fu: _pearson(s[fu], s[gt]) for fu, gt in AGREEMENT} for m, s in per_pair.items()},
            "across_methods": {}, "rows": [m for m in summaries]}
@@ -186,8 +184,7 @@ def evaluate_followup(store, methods, n=512, seed=0, batch_size=64, attrs=None, 
     for m in methods:
         scores[m].update(pairs=int(made[m].sum()), by_construction=fixed[m])
     span = store.attrs["age"][later] - store.attrs["age"][earlier] if "age" in store.attrs else None
-    result = {"pairs": len(earlier), "visit_pairs": len(np.unique(np.stack([store.volume[earlier],
-                                                                            store.volume[later]]), axis=1).T),
+    result = {"pairs": len(earlier), "visit_pairs": len({*zip(store.volume[earlier], store.volume[later])}),
               "subjects": len(boot.subjects), "seed": seed, "store": store.path, "attrs": names,
               "registered": store.provenance.get("arguments", {}).get("register"), "synthetic": synthetic,
               "span_years": None if span is None else {"mean": float(span.mean()), "min": float(span.min()),

@@ -111,7 +111,7 @@ def test_identity_scores_the_observed_change_and_a_cheat_scores_perfectly(store)
     x, z = store.images(earlier), store.images(later)
     brain = x > evaluation.metrics.BACKGROUND
     change = (z - x).astype(np.float64) ** 2
-    assert r["pairs"] == len(earlier) and r["subjects"] == 3
+    assert r["pairs"] == len(earlier) and r["subjects"] == 3 and r["visit_pairs"] == 7
     assert r["floor"]["fu_mse"] == pytest.approx(change.mean((1, 2)).mean(), rel=1e-6)
     assert r["floor"]["fu_mse_brain"] == pytest.approx(((change * brain).sum((1, 2)) / brain.sum((1, 2))).mean(),
                                                        rel=1e-6)
