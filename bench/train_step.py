@@ -119,18 +119,22 @@ def cgan(args):
 
 
 def vagan(args):
-    """VA-GAN at train_vagan's defaults (U-Net 16..128, critic 16..256, a default-size oracle as the frozen
-    regressor): one generator iteration with its 5 critic steps (the schedule's steady state)."""
+    """VA-GAN at train_vagan's defaults (U-Net 16..128, conditional critic 16..256, a default-size oracle as the
+    frozen regressor): one generator iteration with its 5 critic steps (the schedule's steady state), each step
+    on its own draw of source slices and real partners (6 draws, as mri/data/loader.CriticDraws feeds it)."""
     from models import oracle, vagan as method
     schema, x, y = example_batch(args)
     regressor = (oracle.build(schema, args.size), schema)
     model = method.VAGAN(schema, args.size, args.n_filters, regressor, n_critic=5, n_critic_long=5)
     method.compile_from_args(model, dict(lr=1e-4, jit=args.jit))
     g, d, r = (forward_flops(n) for n in (model.generator, model.critic, regressor[0]))
-    # per critic step: G forward (1x), D trained on real and changed slices (2 x 3x), the gradient penalty (D
-    # forward, its input gradient and that gradient's back-propagation: ~5x); then G trained (3x) through D and
-    # the regressor (2x each)
-    return [("generator iteration (5 critic steps)", model, (x, y), 5 * (g + 11 * d) + 3 * g + 2 * d + 2 * r)]
+    rolled = lambda a, k: np.roll(a, k, axis=0)
+    images = np.stack([np.concatenate([rolled(x, k), rolled(x, k + 1)], -1) for k in range(6)])
+    attrs = np.stack([np.concatenate([rolled(y, k), rolled(y, k + 1)], -1) for k in range(6)])
+    # per critic step: G forward (1x), D trained on real partners and changed slices (2 x 3x), the gradient
+    # penalty (D forward, its input gradient and that gradient's back-propagation: ~5x); then G trained (3x)
+    # through D and the regressor (2x each)
+    return [("generator iteration (5 critic steps)", model, (images, attrs), 5 * (g + 11 * d) + 3 * g + 2 * d + 2 * r)]
 
 
 def cyclegan(args):
@@ -186,8 +190,13 @@ def images_per_second(model, batch, repeats, iterations, warmup=3):
         for _ in range(iterations):
             logs = step(data)
         tf.nest.map_structure(lambda v: v.numpy(), logs)
-        rates.append(iterations * len(batch[0]) / (time.perf_counter() - t))
+        rates.append(iterations * batch_images(batch) / (time.perf_counter() - t))
     return rates
+
+
+def batch_images(batch):
+    """Images per train step: the batch, or for VA-GAN's draws (k, B, ...) the generator's B."""
+    return batch[0].shape[1] if batch[0].ndim == 5 else len(batch[0])
 
 
 def main(argv=None):

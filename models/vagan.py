@@ -1,27 +1,35 @@
-"""Visual Attribution GAN (Baumgartner et al., CVPR 2018), conditioned on attributes as in the report: a U-Net
-M(x, y) learns only the change of a slice towards target attributes y, an additive map.
+"""Visual Attribution GAN (Baumgartner et al., CVPR 2018), conditioned on attributes, with the conditional critic
+of Xia et al. (MedIA 2021): a U-Net M learns only the change of a slice towards target attributes, an additive
+map, and a critic that knows what real slices with those attributes look like pushes it there.
 
 Networks (f = filters, 16 in the reference):
-    M  [x, tile(y)] -> map logits    U-Net: (conv3x3-BN-ReLU x2) at f, 2f, 4f, 8f maps with 3 max-poolings;
+    M  [x, tile(y_t, y_t - y_s)] -> map logits
+                                     U-Net: (conv3x3-BN-ReLU x2) at f, 2f, 4f, 8f maps with 3 max-poolings;
                                      up: ConvTranspose 4x4 stride 2 to f maps + BN + ReLU, concatenated with the
-                                     skip, conv3x3-BN-ReLU x2 at the skip's width; conv3x3 -> 1, linear. y enters
-                                     at the input only (not in the skips).
-    D  x [, tile(y)] -> score        WGAN critic, no normalisation: conv3x3-ReLU f | pool | 2f | pool | 4f,4f |
-                                     pool | 8f,8f | pool | 16f x3, conv1x1 -> 1, spatial mean. `conditional`: the
-                                     critic also sees the attributes (real slices with theirs, changed ones with
-                                     their targets).
+                                     skip, conv3x3-BN-ReLU x2 at the skip's width; conv3x3 -> 1, linear. The target
+                                     and the change of the attributes (Xia et al.: the age difference) enter at
+                                     the input only.
+    D  [x, tile(y)] -> score         WGAN critic, no normalisation: conv3x3-ReLU f | pool | 2f | pool | 4f,4f |
+                                     pool | 8f,8f | pool | 16f x3, conv1x1 -> 1, spatial mean. `unconditional`:
+                                     D sees x alone.
     R  x -> attribute logits         a frozen train_oracle.py run (inference mode), the auxiliary regressor.
 
 Output bounding: t = tanh(m) in (-1, 1) moves each pixel the fraction t of the way to the range's end,
     x' = x + t (1 - x)  (t >= 0),   x' = x + t (1 + x)  (t < 0),
-so x' stays in [-1, 1], reaches any value in it, and m = 0 returns x exactly (the reference's tanh(x + M)
-changes a zero-map image: tanh(x) != x). The map is x' - x.
+so x' stays in [-1, 1], reaches any value in it, and m = 0 returns x exactly. The map is x' - x.
 
-One iteration (y_t = targets(y): the batch's attribute vectors permuted, or one attribute flipped per slice;
-l = schema.loss; e uniform per slice; everything batch means):
-    D  minimises  D(x') - D(x) + lambda_gp (||grad D(x^)||_2 - 1)^2       n_critic(step) times, fresh y_t each;
-                  x^ = e x + (1 - e) x' (interpolates) or x' (--gp-at changed); the norm over all image axes
-    M  minimises  -D(x') + lambda_map |x' - x| + lambda_aux l(y_t, R(x'))
+Data (mri/data/loader.CriticDraws): generator step s gets n_critic(s) + 1 fresh draws, one per critic step and one
+for M; a draw is B source slices x (attributes y_s) and, for each, a real train slice r at the same axial index
+whose attributes are the target, y_t = y_r (Xia et al.'s two streams). Everything batch means; e uniform per
+slice; l = schema.loss; d = ||y_t - y_s||_1 (encoded vectors: a continuous attribute in train-split SDs, a
+class change 2 for categorical, 1 for binary):
+    D  minimises  D(x', y_t) - D(r, y_t) + lambda_gp (||grad D(x^, y_t)||_2 - 1)^2   on draw i = 0 .. n_critic - 1
+                  x^ = e r + (1 - e) x' (interpolates) or x' (--gp-at changed); the norm over all image axes
+    M  minimises  -D(x', y_t) + lambda_map exp(-d / gap_scale) |x' - x| + lambda_tv TV(x' - x)
+                  + lambda_aux l(y_t, R(x'))                                        on draw n_critic
+TV(m) = mean |m[i+1, j] - m[i, j]| + mean |m[i, j+1] - m[i, j]| (a pattern that fools R pixel by pixel pays it
+everywhere; an anatomical change pays it along its edges). exp(-d / gap_scale): larger changes may change more
+(Xia et al.: exp(-gap / 60 years)). An unchanged source is no equilibrium: D has seen real slices with y_t.
 n_critic(step) = n_critic_long for the first critic_warmup steps and every critic_retune-th, else n_critic.
 """
 import keras
@@ -32,7 +40,7 @@ from keras import layers, ops
 from models.layers import FusedAdam, batch_norm, tile
 from mri import training
 
-TARGETS = ("permute", "one")
+CRITICS = ("conditional", "unconditional")
 GP_AT = ("interpolates", "changed")
 TINY_FILTERS = 4
 
@@ -110,33 +118,32 @@ class Frozen:
 
 
 class VAGAN(keras.Model):
-    """VA-GAN with a conditioned map generator, a WGAN-GP critic (conditional or not) and a frozen regressor.
-    `regressor` = (keras model, its schema) or None (no auxiliary term)."""
+    """VA-GAN with a map generator conditioned on the target and the change, a WGAN-GP critic (conditional on the
+    target, or not) fed real slices with the target attributes, and a frozen regressor. `regressor` = (keras
+    model, its schema) or None (no auxiliary term). train_step takes mri/data/loader.CriticDraws' batches."""
 
-    def __init__(self, schema, size=128, filters=16, regressor=None, critic_mode="unconditional",
-                 targets="permute", gp_at="interpolates", lambda_gp=10.0, lambda_map=100.0, lambda_aux=1.0,
-                 n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, **kwargs):
+    def __init__(self, schema, size=128, filters=16, regressor=None, critic_mode="conditional",
+                 gp_at="interpolates", lambda_gp=10.0, lambda_map=10.0, lambda_aux=1.0, lambda_tv=0.0,
+                 gap_scale=9.0, n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, **kwargs):
         super().__init__(**kwargs)
         if size % 16:
             raise ValueError(f"image size must be a multiple of 16 (the critic pools 4 times), got {size}")
-        if targets not in TARGETS or gp_at not in GP_AT or critic_mode not in ("unconditional", "conditional"):
-            raise ValueError(f"targets in {TARGETS}, gp_at in {GP_AT}, critic_mode unconditional|conditional")
-        self.schema, self.targets, self.gp_at, self.conditional = schema, targets, gp_at, critic_mode == "conditional"
-        self.lambda_gp, self.lambda_map, self.lambda_aux = lambda_gp, lambda_map, lambda_aux
+        if gp_at not in GP_AT or critic_mode not in CRITICS:
+            raise ValueError(f"gp_at in {GP_AT}, critic_mode in {CRITICS}")
+        self.schema, self.gp_at, self.conditional = schema, gp_at, critic_mode == "conditional"
+        self.lambda_gp, self.lambda_map, self.lambda_aux, self.lambda_tv = lambda_gp, lambda_map, lambda_aux, lambda_tv
+        self.gap_scale = gap_scale
         self.schedule = (n_critic, n_critic_long, critic_warmup, critic_retune)
-        self.generator = map_generator(size, schema.width, filters)
+        self.generator = map_generator(size, 2 * schema.width, filters)
         self.critic = critic(size, schema.width if self.conditional else 0, filters)
         self.frozen = None
         if regressor is not None:
             regressor[0].trainable = False
             self.frozen = Frozen(regressor[0], regressor_adapter(schema, regressor[1]))
-        # attribute -> its columns, to flip one attribute per slice (targets "one")
-        self.attribute_columns = np.stack([np.eye(schema.width, dtype=np.float32)[schema.slices[n]].sum(0)
-                                           for n in schema.names])
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.trackers = {n: keras.metrics.Mean(name=n) for n in
-                         ("critic", "wasserstein", "gp", "generator", "map_l1", "aux", "n_critic")}
+                         ("critic", "wasserstein", "gp", "generator", "map_l1", "tv", "aux", "n_critic")}
         self.built = True
 
     def compile(self, g_optimizer, d_optimizer, jit_compile=False):
@@ -154,50 +161,46 @@ class VAGAN(keras.Model):
         return list(self.trackers.values())
 
     def n_critic(self, step):
-        """Critic steps before generator step `step` (the reference's schedule)."""
+        """Critic steps before generator step `step` (the reference's schedule; arrays of steps too)."""
         short, long, warmup, retune = self.schedule
         return ops.where((step < warmup) | (step % retune == 0), long, short)
 
-    def change(self, x, y, training=False):
-        """(x', map x' - x) of images x at encoded target attributes y."""
-        changed = bound(x, self.generator([x, y], training=training))
+    def draws(self, steps):
+        """Draws of mri/data/loader.CriticDraws at generator steps `steps` (an array): n_critic + 1 each."""
+        return np.asarray(self.n_critic(np.asarray(steps, np.int64))).astype(np.int64) + 1
+
+    def change(self, x, y_s, y_t, training=False):
+        """(x', map x' - x) of images x with encoded attributes y_s at encoded targets y_t."""
+        x, y_s, y_t = (ops.convert_to_tensor(v) for v in (x, y_s, y_t))
+        changed = bound(x, self.generator([x, ops.concatenate([y_t, y_t - y_s], axis=1)], training=training))
         return changed, changed - x
 
     def call(self, inputs, training=False):
         return self.change(*inputs, training=training)[0]
 
-    def draw_targets(self, y):
-        """y_t: the batch's vectors permuted (the report), or one attribute per slice given another value."""
-        if self.targets == "permute":
-            return ops.take(y, keras.random.shuffle(ops.arange(ops.shape(y)[0]), seed=self.seed_generator), axis=0)
-        which = keras.random.randint((ops.shape(y)[0],), 0, len(self.schema.names), seed=self.seed_generator)
-        mask = ops.take(ops.convert_to_tensor(self.attribute_columns), which, axis=0)
-        return mask * self.schema.flip(y, self.seed_generator) + (1.0 - mask) * y
-
     def score(self, x, y):
         return self.critic([x, y] if self.conditional else x, training=True)
 
-    def gradient_penalty(self, x, changed, y_t):
-        """mean (||grad_x D(x^)||_2 - 1)^2, the norm over all image axes; x^ between x and x', or x'."""
-        x, changed = ops.convert_to_tensor(x), ops.convert_to_tensor(changed)
+    def gradient_penalty(self, real, changed, y_t):
+        """mean (||grad_x D(x^, y_t)||_2 - 1)^2, the norm over all image axes; x^ between real and x', or x'."""
+        real, changed = ops.convert_to_tensor(real), ops.convert_to_tensor(changed)
         if self.gp_at == "changed":
             point = changed
         else:
-            e = keras.random.uniform((ops.shape(x)[0], 1, 1, 1), seed=self.seed_generator)
-            point = e * x + (1.0 - e) * changed
+            e = keras.random.uniform((ops.shape(real)[0], 1, 1, 1), seed=self.seed_generator)
+            point = e * real + (1.0 - e) * changed
         with tf.GradientTape() as tape:
             tape.watch(point)
             d = self.score(point, y_t)
         g = tape.gradient(d, point)
         return ops.mean(ops.square(ops.sqrt(ops.sum(ops.square(g), axis=(1, 2, 3)) + 1e-12) - 1.0))
 
-    def critic_step(self, x, y):
-        """D minimises D(x') - D(x) + lambda_gp GP; returns (loss, Wasserstein estimate, GP)."""
-        y_t = self.draw_targets(y)
-        changed = ops.stop_gradient(self.change(x, y_t, training=True)[0])
+    def critic_step(self, x, y_s, real, y_t):
+        """D minimises D(x', y_t) - D(r, y_t) + lambda_gp GP; returns (loss, Wasserstein estimate, GP)."""
+        changed = ops.stop_gradient(self.change(x, y_s, y_t, training=True)[0])
         with tf.GradientTape() as tape:
-            w = ops.mean(self.score(x, y)) - ops.mean(self.score(changed, y_t))
-            gp = self.gradient_penalty(x, changed, y_t)
+            w = ops.mean(self.score(real, y_t)) - ops.mean(self.score(changed, y_t))
+            gp = self.gradient_penalty(real, changed, y_t)
             loss = -w + self.lambda_gp * gp
         weights = self.critic.trainable_weights
         self.d_optimizer.apply(tape.gradient(loss, weights), weights)
@@ -208,51 +211,67 @@ class VAGAN(keras.Model):
         logits = ops.take(self.frozen.model(changed, training=False), columns, axis=1) * scale + offset
         return self.schema.loss(y_t, logits)
 
-    def generator_step(self, x, y):
-        """M minimises -D(x') + lambda_map |x' - x| + lambda_aux l(y_t, R(x')); returns the three terms."""
-        y_t = self.draw_targets(y)
+    def map_weights(self, y_s, y_t):
+        """exp(-||y_t - y_s||_1 / gap_scale) per slice: the map penalty eases with the size of the change."""
+        return ops.exp(-ops.sum(ops.abs(y_t - y_s), axis=1) / self.gap_scale)
+
+    def generator_step(self, x, y_s, y_t):
+        """M minimises -D(x', y_t) + lambda_map w |x' - x| + lambda_tv TV + lambda_aux l(y_t, R(x'));
+        returns (adversarial term, mean |x' - x|, TV, aux)."""
         with tf.GradientTape() as tape:
-            changed, m = self.change(x, y_t, training=True)
+            changed, m = self.change(x, y_s, y_t, training=True)
             adv = -ops.mean(self.score(changed, y_t))
-            l1 = ops.mean(ops.abs(m))
+            l1 = ops.mean(ops.abs(m), axis=(1, 2, 3))
+            tv = total_variation(m)
             aux = self.aux_loss(changed, y_t) if self.frozen is not None else ops.zeros(())
-            loss = adv + self.lambda_map * l1 + self.lambda_aux * aux
+            loss = (adv + self.lambda_map * ops.mean(self.map_weights(y_s, y_t) * l1) + self.lambda_tv * tv
+                    + self.lambda_aux * aux)
         weights = self.generator.trainable_weights
         self.g_optimizer.apply(tape.gradient(loss, weights), weights)
-        return adv, l1, aux
+        return adv, ops.mean(l1), tv, aux
 
     def train_step(self, data):
-        """n_critic(step) critic steps on the batch (fresh targets each), then one generator step."""
-        x, y = data
-        n = self.n_critic(self.step)
+        """data = (images (k, B, S, S, 2): source then real partner, attributes (k, B, 2 width): source's then
+        the partner's = the target), k = n_critic(step) + 1 draws: draw i feeds critic step i, the last M."""
+        images, attrs = data
+        n, w = self.n_critic(self.step), self.schema.width
+        tf.debugging.assert_equal(ops.shape(images)[0], ops.cast(n, "int32") + 1,
+                                  message="VA-GAN needs n_critic + 1 draws per step (mri/data/loader.CriticDraws)")
 
         def critic_iteration(i):
-            loss, w, gp = self.critic_step(x, y)
-            for name, v in (("critic", loss), ("wasserstein", w), ("gp", gp)):
+            loss, wd, gp = self.critic_step(images[i][..., :1], attrs[i][:, :w], images[i][..., 1:], attrs[i][:, w:])
+            for name, v in (("critic", loss), ("wasserstein", wd), ("gp", gp)):
                 self.trackers[name].update_state(v)
             return (i + 1,)
 
         tf.while_loop(lambda i: i < n, critic_iteration, [ops.zeros((), n.dtype)])
-        adv, l1, aux = self.generator_step(x, y)
-        for name, v in (("generator", adv), ("map_l1", l1), ("aux", aux), ("n_critic", ops.cast(n, "float32"))):
+        adv, l1, tv, aux = self.generator_step(images[n][..., :1], attrs[n][:, :w], attrs[n][:, w:])
+        for name, v in (("generator", adv), ("map_l1", l1), ("tv", tv), ("aux", aux),
+                        ("n_critic", ops.cast(n, "float32"))):
             self.trackers[name].update_state(v)
         self.step.assign_add(1)
         return {name: t.result() for name, t in self.trackers.items()}
 
     def manipulate(self, images, source_attrs, target_attrs):
-        """x + M(x, target) (bounded); slices whose target equals their source are returned unchanged."""
+        """x + M(x, target, target - source) (bounded); slices whose target equals their source are returned
+        unchanged."""
         x = np.asarray(images, np.float32)
         y_s, y_t = self.schema.encode(source_attrs), self.schema.encode(target_attrs)
-        out = np.asarray(self.change(ops.convert_to_tensor(x), ops.convert_to_tensor(y_t))[0])
+        out = np.asarray(self.change(x, y_s, y_t)[0])
         same = np.all(y_s == y_t, axis=1).reshape(-1, *[1] * (x.ndim - 1))
         return np.where(same, x, out)
 
-    def maps(self, images, target_attrs):
+    def maps(self, images, source_attrs, target_attrs):
         """The change maps x' - x at the target attributes (raw values)."""
-        x = ops.convert_to_tensor(np.asarray(images, np.float32))
-        return np.asarray(self.change(x, ops.convert_to_tensor(self.schema.encode(target_attrs)))[1])
+        y_s, y_t = (self.schema.encode(a) for a in (source_attrs, target_attrs))
+        return np.asarray(self.change(np.asarray(images, np.float32), y_s, y_t)[1])
 
     by_construction = ("reconstruction_mse", "composition_l1")
+
+
+def total_variation(m):
+    """mean |m[i+1, j] - m[i, j]| + mean |m[i, j+1] - m[i, j]| of maps (N, S, S, C)."""
+    return ops.mean(ops.abs(m[:, 1:] - m[:, :-1])) + ops.mean(ops.abs(m[:, :, 1:] - m[:, :, :-1]))
 
 
 def load_regressor(run_dir, size):
@@ -269,8 +288,9 @@ def from_args(args, schema, regressor=True):
     loaded from args["regressor"] only to train (regressor=False for inference)."""
     reg = load_regressor(args["regressor"], args["size"]) if regressor and args.get("regressor") else None
     return VAGAN(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"], reg, args["critic"],
-                 args["targets"], args["gp_at"], args["lambda_gp"], args["lambda_map"], args["lambda_aux"],
-                 args["n_critic"], args["n_critic_long"], args["critic_warmup"], args["critic_retune"], args["seed"])
+                 args["gp_at"], args["lambda_gp"], args["lambda_map"], args["lambda_aux"], args["lambda_tv"],
+                 args["gap_scale"], args["n_critic"], args["n_critic_long"], args["critic_warmup"],
+                 args["critic_retune"], args["seed"])
 
 
 def compile_from_args(model, args):

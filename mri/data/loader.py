@@ -3,7 +3,8 @@
 Images are read from disk batch by batch (a store larger than memory works). The order is a pure function
 of (seed, step): epoch e is a permutation seeded by (seed, e), so a resumed run that starts at `start_step`
 sees exactly the batches an uninterrupted run would have seen. Two groups of slices defined by one attribute
-(`Domains`, CycleGAN's) are drawn in equal numbers by `Paired`.
+(`Domains`, CycleGAN's) are drawn in equal numbers by `Paired`; VA-GAN's source slices with real partners at
+the same axial index, several draws per step, by `CriticDraws`.
 """
 import re
 from dataclasses import dataclass
@@ -108,6 +109,46 @@ class VisitPairs:
     __call__ = Batches.__call__
 
 
+class CriticDraws:
+    """VA-GAN's batches (models/vagan.py): generator step t gets draws(t) fresh draws (one per critic step, one for
+    the generator), each a batch of `source` (a Batches, draw d being its batch at global step d) with, for every
+    source slice, a real partner: a slice of the same split at the same axial index, uniform (seeded by (seed, d,
+    2)), whose attributes are the target. batch(t) = (images (k, B, S, S, 2): source then partner, attributes (k,
+    B, 2 width): the source's then the partner's encoded), k = draws(t); a pure function of (seed, t).
+    `draws`: vectorised, an array of steps -> an array of counts >= 1. An epoch is one pass over the split."""
+    varying_draws = True     # dataset(): the leading dimension changes with the step
+
+    def __init__(self, source, draws):
+        self.source, self.draws = source, draws
+        self.store, self.schema, self.batch_size = source.store, source.schema, source.batch_size
+        self.position = self.store.slice[source.index]
+        self.band = {p: np.flatnonzero(self.position == p) for p in np.unique(self.position)}
+        passes = np.cumsum(draws(np.arange(source.steps_per_epoch)))
+        self.steps_per_epoch = int(np.searchsorted(passes, source.steps_per_epoch)) + 1
+
+    def partners(self, d):
+        """(store indices of draw d's source slices, store indices of their real partners)."""
+        pos = self.source.positions(d)
+        rng = np.random.default_rng([self.source.seed, d, 2])
+        partner = np.array([rng.choice(self.band[p]) for p in self.position[pos]])
+        return self.source.index[pos], self.source.index[partner]
+
+    def draw(self, d):
+        x, y = self.source.batch(d)
+        partner = self.partners(d)[1]
+        r = self.store.images(partner)[..., None]
+        if self.source.jitter:
+            r = jitter(r, self.source.jitter, np.random.default_rng([self.source.seed, d, 3]))
+        return np.concatenate([x, r], axis=-1), np.concatenate([y, self.store.encoded(partner, self.schema)], axis=1)
+
+    def batch(self, step):
+        first = int(np.sum(self.draws(np.arange(step))))
+        images, attrs = zip(*(self.draw(first + j) for j in range(int(self.draws(np.array([step]))[0]))))
+        return np.stack(images), np.stack(attrs)
+
+    __call__ = Batches.__call__
+
+
 DOMAINS_USAGE = ("--domains takes ATTR=CLASS_A:CLASS_B (two classes, e.g. dx=CN:Dementia) or ATTR<V:ATTR>=W (two "
                  "disjoint ranges of one continuous attribute, e.g. age<65:age>=75; < <= > >=)")
 SIDE = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>|=)\s*(\S.*?)\s*$")
@@ -193,7 +234,8 @@ def jitter(x, amount, rng):
 def dataset(batches, start_step=0, prefetch=2):
     """Infinite tf.data.Dataset of `batches` from `start_step`, prefetched."""
     import tensorflow as tf
-    spec = tuple(tf.TensorSpec(a.shape, tf.float32) for a in batches.batch(start_step))
+    lead = (None,) if getattr(batches, "varying_draws", False) else ()
+    spec = tuple(tf.TensorSpec(lead + a.shape[len(lead):], tf.float32) for a in batches.batch(start_step))
     ds = tf.data.Dataset.from_generator(lambda: batches(start_step), output_signature=spec)
     return ds.prefetch(prefetch)
 
