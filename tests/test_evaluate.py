@@ -336,9 +336,13 @@ def _numbers(tree, path=""):
 def test_metrics_are_complete_finite_and_reproducible(planted):
     m = metrics(planted)
     numbers = list(_numbers({"floor": m["floor"], "methods": m["methods"], "oracle": m["oracle_test"]}))
-    # None only where documented: the FD below FD_MIN_RATIO pairs per dimension, verdicts of undirected metrics
-    bad = [p for p, v in numbers if (v is None and not p.endswith(("/fd", "/verdict"))) or (v is not None and not math.isfinite(v))]
+    # None only where documented: the FD below FD_MIN_RATIO pairs per dimension, verdicts of undirected metrics,
+    # the cosine to the true change of what changes nothing (the floor, identity) and differences to it
+    no_change = lambda p: "gt_change_cosine" in p and ("/floor/" in p or "identity" in p)
+    bad = [p for p, v in numbers if (v is None and not p.endswith(("/fd", "/verdict")) and not no_change(p))
+           or (v is not None and not math.isfinite(v))]
     assert not bad, bad
+    assert math.isfinite(m["methods"]["meandiff"]["age"]["gt_change_cosine"])
     assert set(m["methods"]) == {"identity", "meandiff", "truth"} and m["synthetic"] and m["n"] == 24
     assert m["protocol"]["age"]["pairs"] == 24 and m["protocol"]["dx"]["pairs"] == 48
     # every metric has its interval, and the interval holds the point estimate's neighbourhood
@@ -347,8 +351,9 @@ def test_metrics_are_complete_finite_and_reproducible(planted):
             s = attrs[attr]
             values = {k: v for k, v in s.items() if isinstance(v, float) and k not in ("fd",)}
             assert set(values) <= set(s["ci"]), (method, attr, set(values) - set(s["ci"]))
-            for k, (lo, hi) in s["ci"].items():
-                assert lo <= hi, (method, attr, k)
+            for k, ci in s["ci"].items():
+                assert ci is not None or (k == "gt_change_cosine" and method == "identity"), (method, attr, k)
+                assert ci is None or ci[0] <= ci[1], (method, attr, k)
         for ref in ("meandiff", "identity"):
             if ref != method:
                 assert "gt_mse" in attrs["age"]["vs"][ref] and "kid" in attrs["age"]["vs"][ref]
