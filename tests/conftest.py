@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny NIfTI cohorts written to a temporary folder, a tiny slice store built from one,
-and readers of a training run's checkpoint and log."""
+"""Shared fixtures: tiny NIfTI cohorts written to a temporary folder, a tiny slice store built from one, a tiny
+oracle run on it (each built once per test run and only read by the tests), and readers of a training run's
+checkpoint and log."""
 import csv
 import os
 import sys
@@ -125,6 +126,24 @@ def build_store(folder, attrs=("age", "dx", "sex")):
 def store_path(tmp_path_factory):
     """The tiny age/dx/sex store, built once and only read by the tests."""
     return build_store(str(tmp_path_factory.mktemp("tiny_store")))
+
+
+ORACLE_ARGS = ["--attrs", "age,dx,sex", "--tiny", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8",
+               "--seed", "5"]
+
+
+def train_tiny_oracle(store, out):
+    """train_oracle.py with ORACLE_ARGS on `store`, written to `out`."""
+    import train_oracle
+    train_oracle.main(["--store", store, "--out", out, *ORACLE_ARGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def oracle_run(store_path, tmp_path_factory):
+    """A tiny oracle run (age, dx, sex; ORACLE_ARGS) on the tiny store, trained once and only read by the tests
+    (test_oracle's runs, VA-GAN's regressor)."""
+    return train_tiny_oracle(store_path, str(tmp_path_factory.mktemp("oracle_run")))
 
 
 def read_checkpoint(run_dir):

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import train_tiny_oracle
 from models import oracle
 from mri import stats
 from mri.data.io import write_json
@@ -13,15 +14,9 @@ from mri.data.store import SliceStore
 
 
 @pytest.fixture(scope="module")
-def runs(store_path, tmp_path_factory):
-    """Two train_oracle.py runs with the same arguments and seed."""
-    import train_oracle
-    out = []
-    for k in range(2):
-        out.append(str(tmp_path_factory.mktemp(f"oracle{k}")))
-        train_oracle.main(["--store", store_path, "--attrs", "age,dx,sex", "--out", out[-1], "--tiny",
-                           "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8", "--seed", "5"])
-    return out
+def runs(store_path, oracle_run, tmp_path_factory):
+    """Two train_oracle.py runs with the same arguments and seed: the shared one and a second."""
+    return [oracle_run, train_tiny_oracle(store_path, str(tmp_path_factory.mktemp("oracle_twin")))]
 
 
 def test_heads_features_and_shapes(store_path):

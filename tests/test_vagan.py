@@ -12,12 +12,9 @@ TINY = ["--attrs", "age,dx,sex", "--tiny", "--batch-size", "4", "--steps-per-epo
 
 
 @pytest.fixture(scope="module")
-def regressor(store_path, tmp_path_factory):
-    import train_oracle
-    out = str(tmp_path_factory.mktemp("vagan_regressor") / "reg")
-    train_oracle.main(["--store", store_path, "--attrs", "age,dx,sex", "--out", out, "--tiny", "--epochs", "1",
-                       "--steps-per-epoch", "5", "--batch-size", "8", "--seed", "4"])
-    return out
+def regressor(oracle_run):
+    """The shared tiny oracle run (age, dx, sex) as VA-GAN's regressor."""
+    return oracle_run
 
 
 def train(store_path, regressor, out, *flags):
@@ -79,6 +76,7 @@ def test_critic_schedule():
     assert [n(s) for s in (0, 1, 24, 25, 26, 99, 100, 101, 200, 250)] == [100, 100, 100, 5, 5, 5, 100, 5, 100, 5]
 
 
+@pytest.mark.slow   # trains a regressor and 100 VA-GAN steps until the map has learned
 def test_toy_map_learns_the_local_change():
     """32x32 smooth noise with a central 8x8 square of intensity s (the score). The frozen regressor reads s;
     VA-GAN must change the square to reach permuted target scores: the regressor's error on the changed images
