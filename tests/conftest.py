@@ -3,13 +3,15 @@ oracle run on it (each built once per test run and only read by the tests), and 
 checkpoint and log."""
 import csv
 import os
+import subprocess
 import sys
 
 import numpy as np
 import nibabel as nib
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -144,6 +146,32 @@ def oracle_run(store_path, tmp_path_factory):
     """A tiny oracle run (age, dx, sex; ORACLE_ARGS) on the tiny store, trained once and only read by the tests
     (test_oracle's runs, VA-GAN's regressor)."""
     return train_tiny_oracle(store_path, str(tmp_path_factory.mktemp("oracle_run")))
+
+
+HELP_SCRIPTS = ("evaluate.py", "simulate.py", "train_cyclegan.py", "train_dfi.py", "train_oracle.py")
+HELP_PROGRAM = """
+import runpy, sys
+for script in sys.argv[1:]:
+    print(f"==== {script}", flush=True)
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+"""
+
+
+@pytest.fixture(scope="session")
+def script_help():
+    """{script: what `python script.py --help` prints} for HELP_SCRIPTS, each run from the project folder as
+    __main__ (a script that does nothing when run prints nothing), all in one interpreter: TensorFlow, which
+    some scripts import before parsing their arguments, is imported once."""
+    out = subprocess.run([sys.executable, "-c", HELP_PROGRAM, *HELP_SCRIPTS], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    parts = out.stdout.split("==== ")[1:]
+    return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in parts}
 
 
 def read_checkpoint(run_dir):

@@ -1,16 +1,12 @@
 """DFI: the Mahalanobis neighbours, the TV gradient, alpha = 0 and a toy where alpha grows a disc, the run
 directory through train_dfi.main and evaluate's loader, and the clear errors."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
 from mri.data.attributes import Attribute, Schema
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mahalanobis_neighbours_equal_brute_force():
@@ -286,7 +282,6 @@ def test_imagenet_features_have_the_three_vgg19_levels():
     assert f.shape == (2, sum(int(np.prod(s)) for s in shapes))
 
 
-def test_help():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_dfi.py"), "--help"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+def test_help(script_help):
+    out = script_help["train_dfi.py"]
     assert "--seed" in out and "--tv-weight" in out

@@ -9,8 +9,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -24,7 +22,6 @@ from mri.data.volumes import (apply_plan, load_canonical, process_file, sample_g
                             volume_to_slab)
 from mri.data.store import SliceStore
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # anisotropic voxels, origin off-centre: the output grid (square pixels, 2 mm slices) differs from the input's
 AFFINE = np.array([[1.2, 0, 0, -21.0], [0, 1.5, 0, -39.0], [0, 0, 1.8, -28.0], [0, 0, 0, 1]])
 SOURCE = {"age": 70.0, "dx": "CN"}
@@ -344,7 +341,6 @@ def test_bad_input_stops_with_the_fix(fader_run, store_path, scans, tmp_path, ca
     assert "give at least one target" in capsys.readouterr().err
 
 
-def test_help():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "simulate.py"), "--help"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+def test_help(script_help):
+    out = script_help["simulate.py"]
     assert "--seed" in out and "--method" in out and "--native-intensity" in out
