@@ -135,6 +135,7 @@ def test_nan_attribute_skips_the_volume(tmp_path):
     assert summary.volumes == 5 and "missing value for ['age']" in summary.skipped[0][1]
 
 
+@pytest.mark.slow   # end to end: data_prep.py run twice as a command (12 CPU s)
 def test_resume_after_kill_reuses_finished_volumes(tmp_path):
     img_dir, csv_path, _ = write_adni_cohort(str(tmp_path), n_subjects=4, extra=False)
     out = str(tmp_path / "s.h5")

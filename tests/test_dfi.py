@@ -233,6 +233,7 @@ def features_run(store_path, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow   # end to end: train_oracle.py, train_dfi.py, evaluate's loader (34 CPU s)
 def test_run_directory_loads_through_evaluate(store_path, features_run, tmp_path, capsys):
     import train_dfi
     from models import check_independent, load_method

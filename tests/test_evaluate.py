@@ -503,7 +503,7 @@ def phantom_changes(phantom_store):
     return {d: {s: tuple(np.concatenate(v) for v in pair) for s, pair in c.items()} for d, c in out.items()}
 
 
-@pytest.mark.slow   # the real phantom at 128 px, 32 slices: renders and registers whole volumes
+@pytest.mark.slow   # the real phantom at 128 px, 32 slices: renders and registers whole volumes (68 CPU s)
 @pytest.mark.parametrize("direction", DIRECTIONS, ids=[f"{a}{v:+d}" if a == "age" else f"{a}-{v}" for a, v in DIRECTIONS])
 def test_area_measure_is_calibrated_in_every_direction(phantom_changes, direction):
     """The measured change of each structure against its true mask change, for slices of the real phantom
@@ -516,7 +516,7 @@ def test_area_measure_is_calibrated_in_every_direction(phantom_changes, directio
         assert np.corrcoef(true, measured)[0, 1] > 0.9, s
 
 
-@pytest.mark.slow   # the real phantom at 128 px, 32 slices, through evaluate.py
+@pytest.mark.slow   # the real phantom at 128 px, 32 slices, through evaluate.py (24 CPU s)
 def test_truth_on_the_real_phantom(tmp_path, phantom_store):
     """data_prep's synthetic store: truth has zero ground-truth error, identity is the floor."""
     import evaluate
@@ -707,6 +707,7 @@ def test_a_method_is_scored_and_compared_on_the_changes_it_supports(planted, cap
             assert not all(blank)
 
 
+@pytest.mark.slow   # end to end: train_cyclegan.py, then evaluate.py on its run
 def test_evaluate_scores_a_cyclegan_run_on_its_domains(planted, tmp_path):
     """A tiny CycleGAN between CN and Dementia through evaluate.py: no age pair, the dx pairs between its domains."""
     import evaluate

@@ -78,6 +78,7 @@ def _two_visit_cohort(folder, truth):
     return csv_path
 
 
+@pytest.mark.slow   # end to end: renders a cohort, data_prep registers and cuts it twice (7 CPU s)
 def test_data_prep_cuts_every_visit_with_the_first_visits_plan(tmp_path):
     from mri.data import pipeline
     from mri.data.store import SliceStore
@@ -106,6 +107,7 @@ def test_data_prep_cuts_every_visit_with_the_first_visits_plan(tmp_path):
     assert mse[True] < 0.25 * mse[False]
 
 
+@pytest.mark.slow   # end to end: renders, registers and re-renders a cohort (10 CPU s)
 def test_synthetic_visits_align_and_differ_by_the_true_change(tmp_path):
     """The synthetic cohort's visits share a pose: registration finds the identity, and a follow-up's slices
     minus the first visit's follow the true change (the first visit re-rendered at the follow-up's age and

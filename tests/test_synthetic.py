@@ -251,7 +251,7 @@ def synthetic_store(tmp_path_factory, request):
     return cfg.out, request.param
 
 
-@pytest.mark.slow   # data_prep of the real cohort: renders and registers 12 volumes a version
+@pytest.mark.slow   # data_prep of the real cohort: renders and registers 12 volumes a version (77 CPU s)
 def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
     from mri.data.store import SliceStore
     path, version = synthetic_store
@@ -284,7 +284,7 @@ def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
         assert 0.02 < d.std() < 0.2 and abs(d.mean()) < 0.05
 
 
-@pytest.mark.slow   # the version-1 store of the test above
+@pytest.mark.slow   # the version-1 store of the test above (7 CPU s)
 @pytest.mark.parametrize("synthetic_store", [1], indirect=True)
 def test_counterfactual_of_a_store_from_before_versions_is_version_1(synthetic_store):
     """A store without csv/synthetic_version (built before versions existed) re-renders with version 1."""

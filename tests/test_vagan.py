@@ -76,7 +76,7 @@ def test_critic_schedule():
     assert [n(s) for s in (0, 1, 24, 25, 26, 99, 100, 101, 200, 250)] == [100, 100, 100, 5, 5, 5, 100, 5, 100, 5]
 
 
-@pytest.mark.slow   # trains a regressor and 100 VA-GAN steps until the map has learned
+@pytest.mark.slow   # trains a regressor and 100 VA-GAN steps until the map has learned (112 CPU s)
 def test_toy_map_learns_the_local_change():
     """32x32 smooth noise with a central 8x8 square of intensity s (the score). The frozen regressor reads s;
     VA-GAN must change the square to reach permuted target scores: the regressor's error on the changed images
