@@ -251,7 +251,7 @@ def synthetic_store(tmp_path_factory, request):
     return cfg.out, request.param
 
 
-@pytest.mark.slow   # data_prep of the real cohort: renders and registers 12 volumes a version (77 CPU s)
+@pytest.mark.slow   # data_prep of the real cohort: renders and registers 12 volumes a version (37-40 CPU s each)
 def test_counterfactual_at_own_attributes_is_the_stored_slice(synthetic_store):
     from mri.data.store import SliceStore
     path, version = synthetic_store
