@@ -1,8 +1,13 @@
-"""Build the HDF5 slice store from NIfTI/Analyze volumes and the cohort's CSV (or from the synthetic cohort).
+"""Build the HDF5 slice store from NIfTI/Analyze volumes and the cohort's CSV (or from the synthetic cohort),
+or from 2D images: CelebA, or any folder of PNG/JPEG images with a CSV of attributes (docs/celeba.md).
 
     python data_prep.py --synthetic 200 --out data/synthetic.h5
     python data_prep.py --synthetic 200 --synthetic-version 1 --out data/synthetic_v1.h5
     python data_prep.py --images ADNI/ --csv ADNIMERGE.csv --preset adni --out data/adni.h5 --attrs age,dx
+    python data_prep.py --preset celeba --images celeba/img_align_celeba --csv celeba/list_attr_celeba.txt \
+        --out data/celeba64.h5 --size 64
+    python data_prep.py --preset image-folder --images photos/ --csv photos.csv --id-column file \
+        --attr-columns smile:smiling:binary,age:age:continuous --out data/photos.h5
 """
 import argparse
 import os
@@ -10,17 +15,20 @@ import re
 import sys
 
 from mri.data.cohorts import CohortError
-from mri.data.pipeline import PrepConfig, build, synthetic_config
+from mri.data.pipeline import IMAGE_PRESETS, PrepConfig, build, synthetic_config
 from mri.synthetic import DEFAULT_VERSION, VERSIONS, VISITS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source (real cohort or --synthetic)")
-    src.add_argument("--images", help="folder searched recursively for .nii, .nii.gz and Analyze .img/.hdr")
-    src.add_argument("--csv", help="the cohort's attributes CSV (ADNIMERGE, OASIS-1 demographics, IXI.csv, ...)")
-    src.add_argument("--preset", default="adni", choices=["adni", "oasis1", "ixi", "custom"],
-                     help="how volumes are joined to CSV rows and which columns are attributes")
+    src.add_argument("--images", help="folder searched recursively for .nii, .nii.gz and Analyze .img/.hdr "
+                                      "(celeba, image-folder: .jpg, .jpeg, .png, .bmp, .gif)")
+    src.add_argument("--csv", help="the cohort's attributes CSV (ADNIMERGE, OASIS-1 demographics, IXI.csv, ...; "
+                                   "celeba: list_attr_celeba.txt)")
+    src.add_argument("--preset", default="adni", choices=["adni", "oasis1", "ixi", "custom", *IMAGE_PRESETS],
+                     help="how volumes are joined to CSV rows and which columns are attributes; celeba and "
+                          "image-folder read 2D images (one store record per image)")
     src.add_argument("--synthetic", type=int, metavar="N", default=0,
                      help="generate N phantom subjects (NIfTI + cohort.csv) and build the store from them")
     src.add_argument("--synthetic-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS,
@@ -45,10 +53,18 @@ def parse_args(argv=None):
                         "is registered rigidly to its subject's first visit and cut with that visit's plan")
     p.add_argument("--label-map", action="append", default=[], metavar="ATTR:VALUE=CLASS",
                    help="map an unknown label, e.g. dx:SMC=CN (repeatable)")
-    custom = p.add_argument_group("--preset custom")
+    flat = p.add_argument_group("--preset celeba and image-folder (2D images)")
+    flat.add_argument("--partition", default="",
+                      help="celeba: list_eval_partition.txt, the train/val/test split (default: beside --csv); "
+                           "image-folder splits images by --split")
+    flat.add_argument("--channels", type=int, default=0, choices=[0, 1, 3],
+                      help="channels stored: 1 grey, 3 RGB, 0 those of the first image (others are converted)")
+    custom = p.add_argument_group("--preset custom (and image-folder: --id-column, --attr-columns)")
     custom.add_argument("--id-regex", default="", help="regex with one group capturing the id from the path")
     custom.add_argument("--id-column", default="", help="CSV column holding that id")
     custom.add_argument("--attr-columns", default="", help="name:column:kind,... (kind: continuous|binary|categorical)")
+    from mri.runtime import VERBOSE_FLAG, VERBOSE_HELP
+    p.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
     args.synthetic_visits = tuple(v for v in args.synthetic_visits.split(",") if v)
     if any(not re.fullmatch(r"bl|m\d+", v) for v in args.synthetic_visits) or args.synthetic_visits[:1] != ("bl",):
@@ -60,6 +76,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.preset in IMAGE_PRESETS:
+        from mri import runtime
+        runtime.start(argv)    # TensorFlow decodes the images: imported quietly, one device line
     try:
         split = tuple(float(x) for x in a.split.split(","))
         assert len(split) == 3 and min(split) >= 0 and sum(split) > 0
@@ -69,7 +88,8 @@ def main(argv=None):
                      attrs=tuple(x for x in a.attrs.split(",") if x), size=a.size, slices=a.slices,
                      spacing=a.spacing, split=split, seed=a.seed, workers=a.workers,
                      label_maps=tuple(a.label_map), id_regex=a.id_regex, id_column=a.id_column,
-                     attr_columns=a.attr_columns, register=not a.no_register)
+                     attr_columns=a.attr_columns, register=not a.no_register, channels=a.channels,
+                     partition=a.partition)
     try:
         if a.synthetic:
             cfg = synthetic_config(cfg, a.synthetic, a.volumes_dir or a.out + ".volumes", a.synthetic_version,

@@ -25,6 +25,9 @@ from mri.data.volumes import BadVolume, apply_plan, intensity_scale, load_canoni
 from mri.data.store import assign_splits, write_store
 
 
+IMAGE_PRESETS = ("celeba", "image-folder")   # 2D image datasets (mri/data/images.py)
+
+
 @dataclass
 class PrepConfig:
     images: str
@@ -44,6 +47,8 @@ class PrepConfig:
     id_column: str = ""
     attr_columns: str = ""
     register: bool = True                        # follow-ups registered to the subject's first visit
+    channels: int = 0                            # 2D images: channels stored (0: the first image's)
+    partition: str = ""                          # celeba: list_eval_partition.txt (default: beside --csv)
     extra: dict = field(default_factory=dict)   # provenance only (e.g. the synthetic cohort's arguments)
 
 
@@ -55,12 +60,14 @@ class Summary:
     stale: list = field(default_factory=list)       # temporary stores of killed runs, removed
     resumed: int = 0
     volumes: int = 0
+    unit: str = "volumes"                           # 2D image datasets: "images"
 
     def lines(self, limit=20):
-        out = [f"volumes stored: {self.volumes} (resumed from a previous run: {self.resumed})"]
+        out = [f"{self.unit} stored: {self.volumes}" + ("" if self.unit == "images" else
+                                                        f" (resumed from a previous run: {self.resumed})")]
         for title, items in (("skipped", [f"{p}: {r}" for p, r in self.skipped]),
-                             ("volumes with no CSV row", self.unmatched),
-                             ("CSV rows with no volume", [str(k) for k in self.orphans]),
+                             (f"{self.unit} with no CSV row", self.unmatched),
+                             (f"CSV rows with no {self.unit[:-1]}", [str(k) for k in self.orphans]),
                              ("removed temporary stores of killed runs", self.stale)):
             if items:
                 out.append(f"{title}: {len(items)}")
@@ -151,6 +158,9 @@ def _load_part(part):
 
 def build(cfg, log=print):
     """Run the whole pipeline; returns the Summary. Raises CohortError for unusable CSV/arguments."""
+    if cfg.preset in IMAGE_PRESETS:
+        from mri.data import images
+        return images.build(cfg, Summary(unit="images"), log)
     if cfg.preset == "custom":
         preset = cohorts.custom_preset(cfg.id_regex, cfg.id_column, cfg.attr_columns)
     elif cfg.preset in cohorts.PRESETS:

@@ -1,7 +1,8 @@
 """The HDF5 slice store: layout, writing from per-volume parts, subject-level splits, reading.
 
 Layout (README "The slice store" documents it for users):
-    images        (N, S, S) float16 in [-1, 1], one slice per chunk, gzip
+    images        (N, S, S) float16 in [-1, 1], one slice per chunk, gzip; (N, S, S, C) for C > 1 channels
+                  (2D image datasets in colour, mri/data/images.py)
     subject       (N,) str      visit (N,) str      slice (N,) int16 axial index (0 = most inferior)
     slice_mm      (N,) float32  axial offset from the brain's centre of mass, mm
     split         (N,) int8     0 train / 1 val / 2 test, assigned by subject
@@ -9,7 +10,7 @@ Layout (README "The slice store" documents it for users):
     attrs/<name>  (N,) float32  raw value: years/points, 0/1 (binary), class index (categorical)
     csv/<column>  (N,) float64  extra CSV columns kept verbatim (the synthetic cohort's ground-truth keys)
     volumes/path, volumes/plan  per volume: source file and preprocessing plan (JSON)
-    file attrs:   schema (JSON), size, provenance (JSON)
+    file attrs:   schema (JSON), size, channels (absent in stores written before it: 1), provenance (JSON)
 """
 import json
 
@@ -48,16 +49,17 @@ def assign_splits(subjects, strata, fractions, seed):
     return out
 
 
-def write_store(path, volumes, load, schema, size, provenance, keep_columns=()):
+def write_store(path, volumes, load, schema, size, provenance, keep_columns=(), channels=1):
     """Write the store atomically. `volumes` holds each volume's small metadata (subject, visit, split,
     attrs {name: value}, csv {column: value}, path, slice_mm); `load(i)` returns volume i's
-    (slices, plan), so only one volume is in memory at a time."""
+    (slices (n, S, S) or (n, S, S, channels), plan), so only one volume is in memory at a time."""
     n = int(sum(len(v["slice_mm"]) for v in volumes))
     if n == 0:
         raise StoreError(f"{path}: no slices to write (every volume was skipped); see the summary above")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            img = f.create_dataset("images", (n, size, size), np.float16, chunks=(1, size, size),
+            pixel = (size, size) if channels == 1 else (size, size, channels)
+            img = f.create_dataset("images", (n, *pixel), np.float16, chunks=(1, *pixel),
                                    compression="gzip", compression_opts=4, shuffle=True)
             text = h5py.string_dtype()
             per_slice = {"subject": text, "visit": text, "slice": np.int16, "slice_mm": np.float32,
@@ -90,6 +92,7 @@ def write_store(path, volumes, load, schema, size, provenance, keep_columns=()):
             f.create_dataset("volumes/plan", data=np.array(plans, object), dtype=text)
             f.attrs["schema"] = schema.to_json()
             f.attrs["size"] = size
+            f.attrs["channels"] = channels
             f.attrs["provenance"] = json.dumps(dict(provenance, version=VERSION, volumes=len(volumes), slices=n))
 
 
@@ -113,6 +116,7 @@ class SliceStore:
             raise StoreError(f"{self.path} is an empty store (0 slices); rebuild it with data_prep.py")
         self.schema = Schema.from_json(f.attrs["schema"])
         self.size = int(f.attrs["size"])
+        self.channels = int(f.attrs.get("channels", 1))
         self.provenance = json.loads(f.attrs.get("provenance", "{}"))
         self.split = f["split"][:]
         self.subject = f["subject"].asstr()[:]
@@ -145,14 +149,19 @@ class SliceStore:
         return idx
 
     def images(self, idx):
-        """float32 (n, S, S) for any order of indices (h5py needs increasing ones)."""
+        """float32 (n, S, S) for any order of indices (h5py needs increasing ones); (n, S, S, C) in a store
+        of C > 1 channels."""
         idx = np.asarray(idx)
         order = np.argsort(idx, kind="stable")
         uniq, inverse = np.unique(idx[order], return_inverse=True)
         block = self.images_ds[uniq].astype(np.float32)
-        out = np.empty((len(idx), self.size, self.size), np.float32)
+        out = np.empty((len(idx),) + self.images_ds.shape[1:], np.float32)
         out[order] = block[inverse]
         return out
+
+    def pixels(self, idx):
+        """float32 (n, S, S, C) at `idx`, whatever the channels: what the models take."""
+        return channels_last(self.images(idx), self.channels)
 
     def raw(self, idx, names=None):
         """dict name -> raw attribute values at `idx`."""
@@ -186,7 +195,7 @@ class SplitView:
 
     def __init__(self, store, split):
         rows = store.indices(split)
-        self.split, self.schema, self.size = split, store.schema, store.size
+        self.split, self.schema, self.size, self.channels = split, store.schema, store.size, store.channels
         self.slice = store.slice[rows]
         self._attrs = {n: v[rows] for n, v in store.attrs.items()}
         self._read = lambda r: store.images(rows[r])
@@ -204,10 +213,19 @@ class SplitView:
         """float32 (n, S, S) of split rows r."""
         return self._read(self._rows(r))
 
+    def pixels(self, r):
+        """float32 (n, S, S, C) of split rows r."""
+        return channels_last(self.images(r), self.channels)
+
     def raw(self, r, names=None):
         """dict name -> raw attribute values at split rows r."""
         r = self._rows(r)
         return {n: self._attrs[n][r] for n in names or self.schema.names}
+
+
+def channels_last(images, channels):
+    """(n, S, S) images of a one-channel store as (n, S, S, 1); (n, S, S, C) as they are."""
+    return images[..., None] if channels == 1 else images
 
 
 def make_schema(kinds_classes, train_values):
