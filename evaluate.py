@@ -80,6 +80,9 @@ def main(argv=None):
             check_independent(spec, args.oracle)
         methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
         truth = make("truth", store) if is_synthetic(store) else None
+        if truth is None:
+            print(f"{store.path} is not a synthetic store: ground truth is unavailable; scoring effectiveness, "
+                  "identity, reconstruction, composition, reversibility and KID")
         metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size, attrs, args.bootstrap)
     metrics["oracle"] = args.oracle
     changes = [evaluation.change_for(store.schema[a]) for a in attrs]

@@ -47,7 +47,7 @@ def main(argv=None):
     with exit_on(StoreError, KeyError, ValueError, FileNotFoundError):
         store = SliceStore(args.store)
         schema = store.schema.select(args.attrs)
-        args.size = store.size
+        args.size, args.channels = store.size, store.channels
         dfi.check_k(store, schema, args.k, args.window)
         net = feature_networks.features_from_args(vars(args), store.size)
     run = training.Run(args.out, "dfi", args, schema)

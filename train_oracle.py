@@ -66,7 +66,7 @@ def main(argv=None):
     schema = train.schema
     write_json(os.path.join(args.out, "config.json"),
                {"method": "oracle", "args": vars(args), "schema": json.loads(schema.to_json())})
-    model = oracle.build(schema, store.size, **(oracle.TINY if args.tiny else {}))
+    model = oracle.build(schema, store.size, **(oracle.TINY if args.tiny else {}), channels=store.channels)
     steps = args.steps_per_epoch or train.steps_per_epoch
     oracle.compile_for(model, schema, args.lr, steps * args.epochs if args.lr_schedule == "cosine" else 0)
     model, epochs, history = oracle.fit(model, train, args.epochs, args.steps_per_epoch, args.patience,

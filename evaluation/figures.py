@@ -26,7 +26,7 @@ def trajectory_slices(store, k, seed):
 
 
 def _sweep(method, x, raw, changes, idx):
-    """Columns (each (k, S, S) images, None = a gap between attributes, NaN = a change the method does not
+    """Columns (each (k, S, S, C) images, None = a gap between attributes, NaN = a change the method does not
     make) of every attribute's sweep of the store's slices idx (images x, told `raw`)."""
     cols = []
     for c in changes:
@@ -35,7 +35,7 @@ def _sweep(method, x, raw, changes, idx):
         for v in c.sweep:
             target = dict(raw, **{c.name: np.full(len(x), v, np.float64)})
             ok = supported(method, raw, target, len(x))
-            cols.append(np.where(ok[:, None, None], manipulated(method, x, raw, target, ok, idx)[..., 0], np.nan))
+            cols.append(np.where(ok[:, None, None, None], manipulated(method, x, raw, target, ok, idx), np.nan))
     return cols
 
 
@@ -43,8 +43,9 @@ def _row(x, cols, i, diff=False):
     blank = np.full(x.shape[1:3], 255, np.uint8)
     gap = lambda c: c is None or np.isnan(c[i]).any()
     if diff:
-        return [blank] + [blank if gap(c) else grids.diverging(c[i] - x[i, ..., 0], DIFF_SCALE) for c in cols]
-    return [grids.to_uint8(x[i, ..., 0])] + [blank if gap(c) else grids.to_uint8(c[i]) for c in cols]
+        return [blank] + [blank if gap(c) else grids.diverging((c[i] - x[i]).mean(-1), DIFF_SCALE) for c in cols]
+    return [grids.to_uint8(grids.picture(x[i]))] + [blank if gap(c) else grids.to_uint8(grids.picture(c[i]))
+                                                     for c in cols]
 
 
 def slug(name):
@@ -60,7 +61,7 @@ def draw_trajectories(store, methods, changes, out_dir, seed=0, n_subjects=4, tr
     Cells of changes a method does not make (its `supports`) are blank."""
     idx = trajectory_slices(store, n_subjects, seed)
     k = len(idx)
-    x = store.images(idx)[..., None]
+    x = store.pixels(idx)
     raw = told(store, idx, store.raw(idx))
     sweeps = {m: _sweep(method, x, raw, changes, idx) for m, method in methods.items()}
     true = sweeps.get("truth") or (_sweep(truth, x, raw, changes, idx) if truth else None)

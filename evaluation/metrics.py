@@ -10,9 +10,14 @@ from scipy import linalg
 BACKGROUND = -1.0 + 1e-3   # brain mask: source pixels above the background value (-1)
 # --- image metrics ------------------------------------------------------------------------------------
 def ssim(x, y, data_range=2.0, size=11, sigma=1.5, k1=0.01, k2=0.03, mask=None):
-    """Mean SSIM of each image pair (Wang et al. 2004, IEEE TIP 13:600), (N, H, W[, 1]) -> (N,).
+    """Mean SSIM of each image pair (Wang et al. 2004, IEEE TIP 13:600), (N, H, W[, C]) -> (N,).
     Gaussian window 11x11 with sigma 1.5, averaged over the window positions inside the image, or over those
-    centred on `mask` (N, H, W) pixels (NaN for an empty mask)."""
+    centred on `mask` (N, H, W) pixels (NaN for an empty mask); C > 1 channels: the mean of the channels' SSIM."""
+    channels = np.shape(x)[3] if np.ndim(x) == 4 else 1
+    if channels > 1:
+        per_channel = lambda v: np.moveaxis(np.asarray(v), 3, 1).reshape(-1, *np.shape(v)[1:3])
+        m = None if mask is None else np.repeat(np.asarray(mask, bool).reshape(np.shape(x)[:3]), channels, axis=0)
+        return ssim(per_channel(x), per_channel(y), data_range, size, sigma, k1, k2, m).reshape(-1, channels).mean(1)
     x = np.asarray(x, np.float64).reshape(len(x), *np.shape(x)[1:3])
     y = np.asarray(y, np.float64).reshape(x.shape)
     g = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
@@ -39,7 +44,8 @@ def mse(x, y, mask=None):
     axes = tuple(range(1, np.ndim(x)))
     if mask is None:
         return d.mean(axis=axes)
-    m = np.asarray(mask, bool).reshape(d.shape)
+    m = np.asarray(mask, bool)
+    m = np.broadcast_to(m.reshape(m.shape[:3] + (1,) * (d.ndim - 3)) if d.ndim > 3 else m.reshape(d.shape), d.shape)
     with np.errstate(invalid="ignore"):
         return (d * m).sum(axis=axes) / m.sum(axis=axes)
 
@@ -72,9 +78,9 @@ def l1(x, y):
 
 
 def above_background(images):
-    """The brain of each source image: its pixels above the background value, (N, S, S) bool."""
+    """The brain of each source image: its pixels above the background value in any channel, (N, S, S) bool."""
     x = np.asarray(images)
-    return x.reshape(len(x), *x.shape[1:3]) > BACKGROUND
+    return x.reshape(len(x), *x.shape[1:3], -1).max(-1) > BACKGROUND
 
 
 def frechet_distance(a, b, eps=1e-6):

@@ -153,7 +153,7 @@ def _score(change, x, y, back, source, target, oracle_src, oracle_out, truth=Non
 
 
 def _features(oracle, store, idx, batch_size):
-    return np.concatenate([oracle.features(store.images(idx[i:i + batch_size]), batch_size)
+    return np.concatenate([oracle.features(store.pixels(idx[i:i + batch_size]), batch_size)
                            for i in range(0, len(idx), batch_size)])
 
 
@@ -197,7 +197,7 @@ def score_change(store, oracle, methods, change, src, tgt, gt, batch_size, progr
     feats, made = {m: [] for m in parts}, {m: [] for m in parts}
     for i in range(0, len(src), batch_size):
         idx, t = src[i:i + batch_size], tgt[i:i + batch_size]
-        x = store.images(idx)[..., None]
+        x = store.pixels(idx)
         s_raw = told(store, idx, store.raw(idx))
         t_raw = dict(s_raw, **{change.name: t})
         truth = (*gt.target(idx, t_raw), idx, gt) if gt else None
@@ -236,7 +236,7 @@ def score_unchanged(store, method, sample, batch_size, repeats=REPEATS, progress
     recon, drift = [], []
     for i in range(0, len(sample), batch_size):
         idx = sample[i:i + batch_size]
-        x = store.images(idx)[..., None]
+        x = store.pixels(idx)
         raw = told(store, idx, store.raw(idx))
         y = x
         for k in range(repeats):
@@ -336,6 +336,10 @@ def check_oracle(store, oracle, names):
     if size is not None and size != store.size:
         raise ValueError(f"the oracle takes {size}x{size} slices, {store.path} holds {store.size}x{store.size}; "
                          f"train the oracle on a store built with --size {store.size}")
+    channels = int(oracle.model.inputs[0].shape[-1]) if hasattr(oracle, "model") else store.channels
+    if channels != store.channels:
+        raise ValueError(f"the oracle takes {channels}-channel images, {store.path} holds {store.channels}; "
+                         "train the oracle on a store with the same channels")
 
 
 def oracle_test_metrics(store, oracle, names, batch_size, n_boot, seed):

@@ -124,6 +124,10 @@ def report_markdown(metrics, title="Evaluation"):
         lines.append("GT: against the true counterfactual of the phantom; Δ area bias / error = mean signed / absolute "
                      "(measured area change - true measured area change) in mm² (the no-change row gives minus "
                      "the true change).")
+    else:
+        lines.append("Ground truth: unavailable. This store is not a synthetic cohort, so no slice has a true "
+                     "counterfactual; the scores above the GT columns (effectiveness by the oracle, identity, "
+                     "reconstruction, composition, reversibility, KID) are what can be measured.")
     for name, proto in m["protocol"].items():
         floor = m["floor"][name]
         main, gt = _columns(floor)

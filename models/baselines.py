@@ -84,7 +84,7 @@ class MeanDiff:
         positions = int(store.slice.max()) + 1
         d = design(schema, data.raw([0])).shape[1] + 1
         xtx = np.zeros((positions, d, d))
-        xty = np.zeros((positions, d, data.size ** 2))
+        xty = np.zeros((positions, d, data.size ** 2 * data.channels))
         for start in range(0, len(data), chunk):
             part = np.arange(start, min(start + chunk, len(data)))
             x = np.concatenate([np.ones((len(part), 1)), design(schema, data.raw(part))], axis=1)
@@ -108,7 +108,8 @@ class MeanDiff:
         return MeanDiff(self.schema, self.size, None, self.coef_all)
 
     def difference(self, source_attrs, target_attrs):
-        """f(target) - f(source), (N, S, S); attributes missing from the target keep the source's value."""
+        """f(target) - f(source), (N, S, S) ((N, S, S, C) for C > 1 channels); attributes missing from the target
+        keep the source's value."""
         names = self.schema.names
         dx = (design(self.schema, {n: target_attrs.get(n, source_attrs[n]) for n in names})
               - design(self.schema, {n: source_attrs[n] for n in names})).astype(np.float32)
@@ -117,7 +118,8 @@ class MeanDiff:
             delta = dx @ self.coef_all
         else:
             delta = np.einsum("nd,ndp->np", dx, self.coef[position])
-        return delta.reshape(-1, self.size, self.size)
+        channels = delta.shape[-1] // self.size ** 2
+        return delta.reshape(len(delta), self.size, self.size, *([channels] if channels > 1 else []))
 
     def manipulate(self, images, source_attrs, target_attrs):
         """images + f(target) - f(source), clipped to the [-1, 1] intensity range."""

@@ -46,14 +46,14 @@ def width(resolution, size, filters, max_filters):
     return min(max_filters, filters * size // (2 * resolution))
 
 
-def generator(size, z_dim, y_dim, filters=64, max_filters=1024, laplacian=False):
+def generator(size, z_dim, y_dim, filters=64, max_filters=1024, laplacian=False, channels=1):
     n = lambda r: width(r, size, filters, max_filters)
     z, y = keras.Input((z_dim,), name="z"), keras.Input((y_dim,), name="y")
     inputs = [z, y]
     h = layers.Dense(4 * 4 * n(4), use_bias=False)(layers.Concatenate()([z, y]))
     h = layers.ReLU()(batch_norm()(layers.Reshape((4, 4, n(4)))(h)))
     if laplacian:
-        shape = keras.Input((size, size, 1), name="shape")
+        shape = keras.Input((size, size, channels), name="shape")
         inputs.append(shape)
         s = down(down(laplacian_of(shape), n(size // 2), norm=False), n(size // 4), norm=False)
     r = 4
@@ -62,7 +62,7 @@ def generator(size, z_dim, y_dim, filters=64, max_filters=1024, laplacian=False)
             h = layers.Concatenate()([h, s])
         r *= 2
         h = up(h, n(r))
-    image = up(h, 1, norm=False, activation="tanh")
+    image = up(h, channels, norm=False, activation="tanh")
     return keras.Model(inputs, image, name="generator")
 
 
@@ -81,14 +81,14 @@ def conv_stack(x, size, filters, max_filters, condition=None):
     return layers.Flatten()(h)
 
 
-def discriminator(size, y_dim, filters=64, max_filters=1024):
-    x, y = keras.Input((size, size, 1), name="image"), keras.Input((y_dim,), name="y")
+def discriminator(size, y_dim, filters=64, max_filters=1024, channels=1):
+    x, y = keras.Input((size, size, channels), name="image"), keras.Input((y_dim,), name="y")
     logit = layers.Dense(1)(conv_stack(x, size, filters, max_filters, condition=y))
     return keras.Model([x, y], logit, name="discriminator")
 
 
-def encoder(size, out_dim, filters=64, max_filters=1024, name="encoder"):
-    x = keras.Input((size, size, 1), name="image")
+def encoder(size, out_dim, filters=64, max_filters=1024, name="encoder", channels=1):
+    x = keras.Input((size, size, channels), name="image")
     return keras.Model(x, layers.Dense(out_dim)(conv_stack(x, size, filters, max_filters)), name=name)
 
 
@@ -151,7 +151,7 @@ class CGAN(keras.Model):
     (None: schema.flip)."""
 
     def __init__(self, schema, size=128, z_dim=100, filters=64, max_filters=1024, laplacian=False,
-                 wrong="real", train_y=None, seed=0, **kwargs):
+                 wrong="real", train_y=None, seed=0, channels=1, **kwargs):
         super().__init__(**kwargs)
         if size < 16 or size & (size - 1):
             raise ValueError(f"image size must be a power of two >= 16, got {size}")
@@ -160,10 +160,10 @@ class CGAN(keras.Model):
         self.schema, self.z_dim, self.laplacian, self.wrong = schema, z_dim, laplacian, wrong
         table = real_table if wrong == "real" else group_means
         self.wrong_table = None if train_y is None else table(schema, train_y)
-        self.generator = generator(size, z_dim, schema.width, filters, max_filters, laplacian)
-        self.discriminator = discriminator(size, schema.width, filters, max_filters)
-        self.encoder_z = encoder(size, z_dim, filters, max_filters, name="encoder_z")
-        self.encoder_y = encoder(size, schema.width, filters, max_filters, name="encoder_y")
+        self.generator = generator(size, z_dim, schema.width, filters, max_filters, laplacian, channels)
+        self.discriminator = discriminator(size, schema.width, filters, max_filters, channels)
+        self.encoder_z = encoder(size, z_dim, filters, max_filters, "encoder_z", channels)
+        self.encoder_y = encoder(size, schema.width, filters, max_filters, "encoder_y", channels)
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.phase = keras.Variable(0, dtype="int32", trainable=False, name="phase")
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -262,7 +262,7 @@ class CGAN(keras.Model):
         self.ey_loss_tracker.update_state(ey_loss)
 
     def attributes(self, images):
-        """E_y: the attributes of (N, S, S, 1) images, as raw values {name: (N,)}."""
+        """E_y: the attributes of (N, S, S, C) images, as raw values {name: (N,)}."""
         return self.schema.decode_logits(self.encoder_y(np.asarray(images, np.float32), training=False))
 
     def manipulate(self, images, source_attrs, target_attrs):
@@ -295,7 +295,7 @@ def from_args(args, schema, train_y=None):
     --wrong existed, when the wrong conditions were group means."""
     return CGAN(schema, args["size"], args["z_dim"], TINY_FILTERS if args["tiny"] else args["filters"],
                 laplacian=args["laplacian"], wrong=args.get("wrong", "group-means"), train_y=train_y,
-                seed=args["seed"])
+                seed=args["seed"], channels=args.get("channels", 1))
 
 
 def compile_from_args(model, args):

@@ -51,8 +51,8 @@ def instance_norm(h):
     return layers.GroupNormalization(groups=-1, center=False, scale=False, epsilon=1e-5)(h)
 
 
-def generator(size, filters=64, blocks=6, name="generator"):
-    x = keras.Input((size, size, 1), name="image")
+def generator(size, filters=64, blocks=6, name="generator", channels=1):
+    x = keras.Input((size, size, channels), name="image")
     h = layers.ReLU()(instance_norm(conv(ReflectionPad(3)(x), filters, 7)))
     for k in (2, 4):
         h = layers.ReLU()(instance_norm(conv(h, filters * k, 3, 2, "same")))
@@ -61,11 +61,11 @@ def generator(size, filters=64, blocks=6, name="generator"):
         h = layers.Add()([h, instance_norm(conv(ReflectionPad(1)(r), filters * 4, 3))])
     for k in (2, 1):
         h = layers.ReLU()(instance_norm(conv(h, filters * k, 3, 2, "same", transpose=True)))
-    return keras.Model(x, layers.Activation("tanh")(conv(ReflectionPad(3)(h), 1, 7)), name=name)
+    return keras.Model(x, layers.Activation("tanh")(conv(ReflectionPad(3)(h), channels, 7)), name=name)
 
 
-def patch_discriminator(size, filters=64, name="discriminator"):
-    x = keras.Input((size, size, 1), name="image")
+def patch_discriminator(size, filters=64, name="discriminator", channels=1):
+    x = keras.Input((size, size, channels), name="image")
     h = x
     for i, (k, strides) in enumerate(((1, 2), (2, 2), (4, 2), (8, 1))):
         h = conv(layers.ZeroPadding2D(1)(h), filters * k, 4, strides)
@@ -137,15 +137,15 @@ class CycleGAN(keras.Model):
     """CycleGAN between `domains` (Domains). A batch is n A slices followed by n B slices (loader.Paired)."""
 
     def __init__(self, schema, domains, size=128, filters=64, blocks=6, pool_size=50, lambda_cycle=10.0,
-                 lambda_identity=0.5, seed=0, **kwargs):
+                 lambda_identity=0.5, seed=0, channels=1, **kwargs):
         super().__init__(**kwargs)
         if size % 4 or size < 24:
             raise ValueError(f"image size must be a multiple of 4 and at least 24 (the PatchGAN), got {size}")
         self.schema, self.domains = schema, domains
         self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
-        self.g_ab, self.g_ba = (generator(size, filters, blocks, f"g_{d}") for d in ("ab", "ba"))
-        self.d_a, self.d_b = (patch_discriminator(size, filters, f"d_{d}") for d in "ab")
-        self.pool_a, self.pool_b = (ImagePool(pool_size, (size, size, 1), name=f"pool_{d}") for d in "ab")
+        self.g_ab, self.g_ba = (generator(size, filters, blocks, f"g_{d}", channels) for d in ("ab", "ba"))
+        self.d_a, self.d_b = (patch_discriminator(size, filters, f"d_{d}", channels) for d in "ab")
+        self.pool_a, self.pool_b = (ImagePool(pool_size, (size, size, channels), name=f"pool_{d}") for d in "ab")
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.seed_generator = keras.random.SeedGenerator(seed)
         names = ("d_a", "d_b", "adversarial", "cycle", "identity", "lr")
@@ -236,7 +236,7 @@ def from_args(args, schema):
     """The (uncompiled) model of a train_cyclegan.py argument dict (a run's config.json "args")."""
     return CycleGAN(schema, parse_domains(args["domains"], schema), args["size"],
                     TINY_FILTERS if args["tiny"] else args["filters"], args["blocks"], args["pool_size"],
-                    args["lambda_cycle"], args["lambda_identity"], args["seed"])
+                    args["lambda_cycle"], args["lambda_identity"], args["seed"], channels=args.get("channels", 1))
 
 
 def compile_from_args(model, args, steps_per_epoch):

@@ -53,7 +53,7 @@ def flat_features(net, z):
 
 
 def total_variation(z, beta):
-    """TV(z) per image (N,) of (N, S, S, 1) images: sum over pixels of (dx^2 + dy^2 + TV_EPS)^(beta / 2)."""
+    """TV(z) per image (N,) of (N, S, S, C) images: sum over pixels of (dx^2 + dy^2 + TV_EPS)^(beta / 2)."""
     dx, dy = z[:, :-1, 1:, :] - z[:, :-1, :-1, :], z[:, 1:, :-1, :] - z[:, :-1, :-1, :]
     return ops.sum((dx ** 2 + dy ** 2 + TV_EPS) ** (beta / 2), axis=(1, 2, 3))
 
@@ -127,7 +127,7 @@ class Reconstructor:
         return loss, tape.gradient(total, z)
 
     def __call__(self, x, target):
-        """Each slice's argmin over z of (N, S, S, 1), from z = x, within [-1, 1]."""
+        """Each slice's argmin over z of (N, S, S, C), from z = x, within [-1, 1]."""
         shape = (-1, *x.shape[1:])
         target = tf.constant(target, tf.float32)
         tv = (tf.constant(self.tv_weight, tf.float64), tf.constant(self.tv_beta, tf.float32))   # not baked in a trace
@@ -169,13 +169,13 @@ class DFI:
         """Write `path` (HDF5): phi of every train slice (float16), their schema codes, positions and subjects."""
         schema = store.schema.select(list(attrs))
         idx = store.indices("train")
-        dim = flat_features(net, np.zeros((1, store.size, store.size, 1), np.float32)).shape[1]
+        dim = flat_features(net, np.zeros((1, store.size, store.size, store.channels), np.float32)).shape[1]
         log(f"caching {len(idx)} x {dim} train features ({len(idx) * dim * 2 / 1e9:.2f} GB) in {path}")
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", (len(idx), dim), np.float16, chunks=(1, dim))
             for i in range(0, len(idx), batch_size):
                 part = idx[i:i + batch_size]
-                feats[i:i + len(part)] = ops.convert_to_numpy(flat_features(net, store.images(part)[..., None]))
+                feats[i:i + len(part)] = ops.convert_to_numpy(flat_features(net, store.pixels(part)))
             f["index"], f["position"] = idx, store.slice[idx]
             f["subject"] = store.subject[idx].astype(h5py.string_dtype())
             f["codes"] = schema.encode(store.raw(idx))

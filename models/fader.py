@@ -3,7 +3,7 @@ attribute kinds at once (continuous, binary, categorical; mri/attributes.py), dr
 classifier discriminator.
 
 Networks (S = image size, L = n_layers, widths f_i = min(n_filters * 2^i, max_filters)):
-    E      x (S, S, 1) -> z (S/2^L, S/2^L, f_L-1)   Conv 4x4 stride 2, BatchNorm from the 2nd layer, LeakyReLU 0.2
+    E      x (S, S, C) -> z (S/2^L, S/2^L, f_L-1)   Conv 4x4 stride 2, BatchNorm from the 2nd layer, LeakyReLU 0.2
     D      (z, y) -> x                             ConvTranspose 4x4 stride 2, BatchNorm, ReLU; tanh out;
                                                    y tiled spatially and concatenated at EVERY layer input;
                                                    Dropout on the 3 lowest-resolution layers (as the paper's code)
@@ -44,18 +44,18 @@ def conv_stack(x, widths):
     return x
 
 
-def encoder(size, widths):
-    x = keras.Input((size, size, 1), name="image")
+def encoder(size, widths, channels=1):
+    x = keras.Input((size, size, channels), name="image")
     return keras.Model(x, conv_stack(x, widths), name="encoder")
 
 
-def decoder(latent_shape, y_dim, widths, dropout):
+def decoder(latent_shape, y_dim, widths, dropout, channels=1):
     """Mirror of the encoder; y is appended to the input of every layer."""
     z, y = keras.Input(latent_shape, name="latent"), keras.Input((y_dim,), name="attributes")
     h = z
     for i, f in enumerate(reversed(widths[:-1])):
         h = up(with_condition(h, y), f, dropout=dropout if i < 3 else 0.0)
-    image = up(with_condition(h, y), 1, norm=False, activation="tanh")
+    image = up(with_condition(h, y), channels, norm=False, activation="tanh")
     return keras.Model([z, y], image, name="decoder")
 
 
@@ -76,8 +76,8 @@ def latent_discriminator(latent_shape, y_dim, max_filters, hidden, dropout):
     return keras.Model(z, head(z, y_dim, max_filters, hidden, dropout), name="latent_discriminator")
 
 
-def classifier(size, y_dim, widths, max_filters, hidden):
-    x = keras.Input((size, size, 1), name="image")
+def classifier(size, y_dim, widths, max_filters, hidden, channels=1):
+    x = keras.Input((size, size, channels), name="image")
     return keras.Model(x, head(conv_stack(x, widths), y_dim, max_filters, hidden), name="classifier")
 
 
@@ -85,7 +85,7 @@ class Fader(keras.Model):
     """Fader Networks with a latent discriminator and an optional classifier discriminator (lambda_clf > 0)."""
 
     def __init__(self, schema, size=128, n_layers=6, n_filters=16, max_filters=512, hidden=512, dropout=0.3,
-                 lat_dropout=0.3, lambda_lat=1e-4, lambda_clf=1e-4, lambda_ramp_steps=5000, seed=0, **kwargs):
+                 lat_dropout=0.3, lambda_lat=1e-4, lambda_clf=1e-4, lambda_ramp_steps=5000, seed=0, channels=1, **kwargs):
         super().__init__(**kwargs)
         if size % 2 ** n_layers:
             raise ValueError(f"image size {size} is not divisible by 2^{n_layers} (--n-layers {n_layers})")
@@ -93,11 +93,11 @@ class Fader(keras.Model):
         self.mode = "decode"
         self.lambda_lat, self.lambda_clf, self.lambda_ramp_steps = lambda_lat, lambda_clf, lambda_ramp_steps
         w = widths(n_layers, n_filters, max_filters)
-        self.encoder = encoder(size, w)
+        self.encoder = encoder(size, w, channels)
         latent_shape = self.encoder.output.shape[1:]
-        self.decoder = decoder(latent_shape, schema.width, w, dropout)
+        self.decoder = decoder(latent_shape, schema.width, w, dropout, channels)
         self.lat_dis = latent_discriminator(latent_shape, schema.width, max_filters, hidden, lat_dropout)
-        self.classifier = classifier(size, schema.width, w, max_filters, hidden) if lambda_clf else None
+        self.classifier = classifier(size, schema.width, w, max_filters, hidden, channels) if lambda_clf else None
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.flip_seed = keras.random.SeedGenerator(seed)
         names = ["loss", "rec", "lat_dis", "lat_adv", "lambda_lat"] + (["clf", "clf_adv"] if self.classifier else [])
@@ -206,7 +206,7 @@ def from_args(args, schema):
     """The (uncompiled) model of a train_fader.py argument dict, e.g. a run's config.json "args"."""
     return Fader(schema, args["size"], **architecture(args), dropout=args["dropout"],
                  lat_dropout=args["lat_dropout"], lambda_lat=args["lambda_lat"], lambda_clf=args["lambda_clf"],
-                 lambda_ramp_steps=args["lambda_ramp_steps"], seed=args["seed"])
+                 lambda_ramp_steps=args["lambda_ramp_steps"], seed=args["seed"], channels=args.get("channels", 1))
 
 
 def adam(args):

@@ -19,14 +19,18 @@ def imagenet_weights(path=""):
     return path
 
 
-def imagenet_features(size, weights):
-    """VGG19 to conv5_1 on grey [-1, 1] slices tiled to 3 channels with caffe preprocessing (255 scale, BGR
-    mean removed). `weights`: the no-top .h5 file, or None for random weights (tests and benchmarks only)."""
+def imagenet_features(size, weights, channels=1):
+    """VGG19 to conv5_1 on [-1, 1] images with caffe preprocessing (255 scale, BGR mean removed): grey slices
+    tiled to 3 channels, RGB images reordered to BGR. `weights`: the no-top .h5 file, or None for random
+    weights (tests and benchmarks only)."""
     import keras
     from keras import layers
+    if channels not in (1, 3):
+        raise ValueError(f"ImageNet VGG19 reads grey or RGB images, not {channels} channels")
     vgg = keras.applications.VGG19(include_top=False, weights=weights, input_shape=(size, size, 3))
-    x = keras.Input((size, size, 1), name="image")
-    bgr = layers.Rescaling(127.5, offset=[127.5 - m for m in CAFFE_MEAN_BGR])(layers.Concatenate()([x, x, x]))
+    x = keras.Input((size, size, channels), name="image")
+    three = layers.Concatenate()([x, x, x]) if channels == 1 else layers.Lambda(lambda v: v[..., ::-1])(x)
+    bgr = layers.Rescaling(127.5, offset=[127.5 - m for m in CAFFE_MEAN_BGR])(three)
     trunk = keras.Model(vgg.inputs, [vgg.get_layer(n).output for n in IMAGENET_LAYERS])
     return keras.Model(x, trunk(bgr), name="vgg19_features")
 
@@ -46,5 +50,5 @@ def store_features(run_dir):
 
 def features_from_args(args, size):
     if args["features"] == "imagenet":
-        return imagenet_features(size, imagenet_weights(args.get("vgg_weights", "")))
+        return imagenet_features(size, imagenet_weights(args.get("vgg_weights", "")), args.get("channels", 1))
     return store_features(args["features"])

@@ -50,18 +50,18 @@ CODES = "codes.json"
 MODES = ("decode", "residual")
 
 
-def generator(size, z_dim, c_dim, filters=32):
+def generator(size, z_dim, c_dim, filters=32, channels=1):
     z = keras.Input((z_dim + c_dim,), name="z_c")
     h = layers.Dense((size // 16) ** 2 * 8 * filters, use_bias=False)(z)
     h = layers.LeakyReLU(0.2)(batch_norm()(layers.Reshape((size // 16, size // 16, 8 * filters))(h)))
     for k in (4, 2, 1):
         h = up(h, k * filters, activation="leaky_relu")
-    return keras.Model(z, up(h, 1, norm=False, activation="tanh"), name="generator")
+    return keras.Model(z, up(h, channels, norm=False, activation="tanh"), name="generator")
 
 
-def trunk(size, filters=32, hidden=1024, out=None, name="trunk"):
+def trunk(size, filters=32, hidden=1024, out=None, name="trunk", channels=1):
     """T (out None: the features h) or E_z (out = z_dim: a linear layer on them)."""
-    x = keras.Input((size, size, 1), name="image")
+    x = keras.Input((size, size, channels), name="image")
     h = x
     for k in (1, 2, 4, 8):
         h = down(h, k * filters, norm=k > 1)
@@ -143,7 +143,7 @@ class InfoGAN(keras.Model):
     """InfoGAN with a code encoder; `codes` is the code-to-attribute map (assign_codes), needed to manipulate."""
 
     def __init__(self, schema, size=128, z_dim=62, cat_dim=3, cont_dim=2, filters=32, hidden=1024,
-                 lambda_cat=1.0, lambda_cont=0.1, seed=0, mode="decode", **kwargs):
+                 lambda_cat=1.0, lambda_cont=0.1, seed=0, mode="decode", channels=1, **kwargs):
         super().__init__(**kwargs)
         if size < 16 or size % 16:
             raise ValueError(f"image size must be a multiple of 16, got {size}")
@@ -151,11 +151,11 @@ class InfoGAN(keras.Model):
             raise ValueError(f"cat_dim >= 1, cont_dim >= 1 and mode in {MODES}")
         self.schema, self.z_dim, self.cat_dim, self.cont_dim, self.mode = schema, z_dim, cat_dim, cont_dim, mode
         self.lambda_cat, self.lambda_cont, self.codes = lambda_cat, lambda_cont, None
-        self.generator = generator(size, z_dim, cat_dim + cont_dim, filters)
-        self.trunk = trunk(size, filters, hidden)
+        self.generator = generator(size, z_dim, cat_dim + cont_dim, filters, channels)
+        self.trunk = trunk(size, filters, hidden, channels=channels)
         self.d_head = head(hidden, 1, name="d_head")
         self.q_head = head(hidden, cat_dim + 2 * cont_dim, inner=128, name="q_head")
-        self.encoder_z = trunk(size, filters, hidden, out=z_dim, name="encoder_z")
+        self.encoder_z = trunk(size, filters, hidden, out=z_dim, name="encoder_z", channels=channels)
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.phase = keras.Variable(0, dtype="int32", trainable=False, name="phase")
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -335,7 +335,8 @@ def from_args(args, schema, mode="decode"):
     arch = TINY if args["tiny"] else dict(filters=args["filters"], hidden=args["hidden"])
     cat_dim = args["cat_dim"] or next((a.width for a in schema.attributes if a.kind == "categorical"), 3)
     return InfoGAN(schema, args["size"], args["z_dim"], cat_dim, args["cont_dim"], **arch,
-                   lambda_cat=args["lambda_cat"], lambda_cont=args["lambda_cont"], seed=args["seed"], mode=mode)
+                   lambda_cat=args["lambda_cat"], lambda_cont=args["lambda_cont"], seed=args["seed"], mode=mode,
+                   channels=args.get("channels", 1))
 
 
 def compile_from_args(model, args):
@@ -350,7 +351,7 @@ def write_codes(model, run_dir, store, index, n_max=4096):
     n_max): the categorical code to the first categorical attribute, each continuous one to the continuous
     attributes or the slice position. Stored as the run's codes.json (with the unsupported attributes), printed."""
     idx = np.asarray(index)[np.linspace(0, len(index) - 1, min(n_max, len(index))).astype(int)]
-    cat, mu = model.predict_codes(store.images(idx)[..., None])
+    cat, mu = model.predict_codes(store.pixels(idx))
     raw = store.raw(idx, model.schema.names)
     dx = next((a for a in model.schema.attributes if a.kind == "categorical"), None)
     candidates = dict({a.name: raw[a.name] for a in model.schema.attributes if a.kind == "continuous"},

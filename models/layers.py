@@ -148,11 +148,13 @@ def with_condition(h, y):
 
 
 class Laplacian(layers.Layer):
-    """Discrete Laplacian of (N, S, S, 1) images (4-neighbour 3x3 stencil, zero padding): edges, i.e. shape."""
+    """Discrete Laplacian of (N, S, S, C) images, each channel on its own (4-neighbour 3x3 stencil, zero
+    padding): edges, i.e. shape."""
 
     def call(self, x):
         k = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)[:, :, None, None]
-        return ops.conv(x, ops.convert_to_tensor(k, x.dtype), padding="same")
+        return ops.depthwise_conv(x, ops.convert_to_tensor(np.tile(k, (1, 1, x.shape[-1], 1)), x.dtype),
+                                  padding="same")
 
 
 def laplacian(x):

@@ -62,15 +62,15 @@ def _logits(schema, heads):
     return layers.Concatenate(name="logits")(out) if len(out) > 1 else out[0]
 
 
-def build(schema, size, filters=FILTERS, features=FEATURES, dropout=0.5):
-    """Uncompiled functional oracle for (size, size, 1) images; output (N, schema.width) logits."""
+def build(schema, size, filters=FILTERS, features=FEATURES, dropout=0.5, channels=1):
+    """Uncompiled functional oracle for (size, size, channels) images; output (N, schema.width) logits."""
     import keras
-    image = keras.Input((size, size, 1), name="image")
+    image = keras.Input((size, size, channels), name="image")
     _, heads = _network(image, schema, schema.names, size, filters, features, dropout)
     return keras.Model(image, _logits(schema, heads), name="oracle")
 
 
-def compose(schema, size, snapshots, filters=FILTERS, features=FEATURES, dropout=0.5):
+def compose(schema, size, snapshots, filters=FILTERS, features=FEATURES, dropout=0.5, channels=1):
     """One functional oracle that reads each attribute with the weights of its own epoch.
 
     `snapshots`: {name: weights (a `build` model's get_weights())}; attributes given the same list object
@@ -81,13 +81,13 @@ def compose(schema, size, snapshots, filters=FILTERS, features=FEATURES, dropout
     groups = {}
     for n in schema.names:
         groups.setdefault(id(snapshots[n]), []).append(n)
-    image = keras.Input((size, size, 1), name="image")
+    image = keras.Input((size, size, channels), name="image")
     heads, prefixes = {}, []
     for k, names in enumerate(groups.values()):
         prefixes.append("" if k == 0 else "_".join(names) + "_")
         heads.update(_network(image, schema, names, size, filters, features, dropout, prefixes[-1])[1])
     model = keras.Model(image, _logits(schema, heads), name="oracle")
-    reference = build(schema, size, filters, features, dropout)
+    reference = build(schema, size, filters, features, dropout, channels)
     for prefix, names in zip(prefixes, groups.values()):
         reference.set_weights(snapshots[names[0]])
         for layer in reference.layers:
@@ -169,7 +169,8 @@ def fit(model, train, epochs, steps_per_epoch=0, patience=5, calibration=None, c
     arch = _architecture(model)
     shared = {}
     by_epoch = {n: shared.setdefault(epochs_of[n], snapshots[n]) for n in schema.names}
-    return compose(schema, int(model.inputs[0].shape[1]), by_epoch, **arch), epochs_of, history
+    return (compose(schema, int(model.inputs[0].shape[1]), by_epoch, **arch, channels=int(model.inputs[0].shape[-1])),
+            epochs_of, history)
 
 
 def _architecture(model):
@@ -208,7 +209,7 @@ class Oracle:
         self._both = keras.Model(model.inputs, [model.get_layer("features").output, model.outputs[0]])
 
     def outputs(self, images, batch_size=64):
-        """(features (N, F), logits (N, width)) of images (N, S, S[, 1]) in [-1, 1], batch by batch."""
+        """(features (N, F), logits (N, width)) of images (N, S, S[, C]) in [-1, 1], batch by batch."""
         x = np.asarray(images, np.float32)
         x = x[..., None] if x.ndim == 3 else x
         parts = [self._both.predict_on_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -237,7 +238,7 @@ def split_logits(model, store, split, batch_size=64, max_subjects=0, seed=0):
     """(indices of the split's slices (`split_indices`), (N, width) logits of a keras oracle model in
     inference mode), read from the store a batch at a time."""
     idx = split_indices(store, split, max_subjects, seed)
-    parts = [np.asarray(model.predict_on_batch(store.images(idx[i:i + batch_size])[..., None]))
+    parts = [np.asarray(model.predict_on_batch(store.pixels(idx[i:i + batch_size])))
              for i in range(0, len(idx), batch_size)]
     return idx, np.concatenate(parts) if parts else np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
 

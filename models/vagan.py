@@ -50,10 +50,10 @@ def conv(h, filters, norm=True):
     return layers.ReLU()(batch_norm()(h) if norm else h)
 
 
-def map_generator(size, y_dim, filters=16, levels=3, channels=1, norm=True):
-    """M: the U-Net of the module docstring, `channels` linear outputs (models/longitudinal.py uses 3 and no
-    BatchNorm)."""
-    x, y = keras.Input((size, size, 1), name="image"), keras.Input((y_dim,), name="target")
+def map_generator(size, y_dim, filters=16, levels=3, channels=1, norm=True, image_channels=1):
+    """M: the U-Net of the module docstring on (size, size, image_channels) images, `channels` linear outputs
+    (models/longitudinal.py uses 3 and no BatchNorm)."""
+    x, y = keras.Input((size, size, image_channels), name="image"), keras.Input((y_dim,), name="target")
     h, skips = layers.Concatenate()([x, tile(y, size)]), []
     for i in range(levels):
         h = conv(conv(h, filters * 2 ** i, norm), filters * 2 ** i, norm)
@@ -67,8 +67,8 @@ def map_generator(size, y_dim, filters=16, levels=3, channels=1, norm=True):
     return keras.Model([x, y], layers.Conv2D(channels, 3, padding="same")(h), name="map_generator")
 
 
-def critic(size, y_dim=0, filters=16):
-    x = keras.Input((size, size, 1), name="image")
+def critic(size, y_dim=0, filters=16, channels=1):
+    x = keras.Input((size, size, channels), name="image")
     inputs, h = [x], x
     if y_dim:
         y = keras.Input((y_dim,), name="attributes")
@@ -124,7 +124,8 @@ class VAGAN(keras.Model):
 
     def __init__(self, schema, size=128, filters=16, regressor=None, critic_mode="conditional",
                  gp_at="interpolates", lambda_gp=10.0, lambda_map=10.0, lambda_aux=1.0, lambda_tv=0.0,
-                 gap_scale=9.0, n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, **kwargs):
+                 gap_scale=9.0, n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, channels=1,
+                 **kwargs):
         super().__init__(**kwargs)
         if size % 16:
             raise ValueError(f"image size must be a multiple of 16 (the critic pools 4 times), got {size}")
@@ -134,8 +135,9 @@ class VAGAN(keras.Model):
         self.lambda_gp, self.lambda_map, self.lambda_aux, self.lambda_tv = lambda_gp, lambda_map, lambda_aux, lambda_tv
         self.gap_scale = gap_scale
         self.schedule = (n_critic, n_critic_long, critic_warmup, critic_retune)
-        self.generator = map_generator(size, 2 * schema.width, filters)
-        self.critic = critic(size, schema.width if self.conditional else 0, filters)
+        self.generator = map_generator(size, 2 * schema.width, filters, channels=channels, image_channels=channels)
+        self.critic = critic(size, schema.width if self.conditional else 0, filters, channels)
+        self.channels = channels     # a draw holds the source's channels, then its real partner's
         self.frozen = None
         if regressor is not None:
             regressor[0].trainable = False
@@ -234,18 +236,18 @@ class VAGAN(keras.Model):
         """data = (images (k, B, S, S, 2): source then real partner, attributes (k, B, 2 width): source's then
         the partner's = the target), k = n_critic(step) + 1 draws: draw i feeds critic step i, the last M."""
         images, attrs = data
-        n, w = self.n_critic(self.step), self.schema.width
+        n, w, c = self.n_critic(self.step), self.schema.width, self.channels
         tf.debugging.assert_equal(ops.shape(images)[0], ops.cast(n, "int32") + 1,
                                   message="VA-GAN needs n_critic + 1 draws per step (mri/data/loader.CriticDraws)")
 
         def critic_iteration(i):
-            loss, wd, gp = self.critic_step(images[i][..., :1], attrs[i][:, :w], images[i][..., 1:], attrs[i][:, w:])
+            loss, wd, gp = self.critic_step(images[i][..., :c], attrs[i][:, :w], images[i][..., c:], attrs[i][:, w:])
             for name, v in (("critic", loss), ("wasserstein", wd), ("gp", gp)):
                 self.trackers[name].update_state(v)
             return (i + 1,)
 
         tf.while_loop(lambda i: i < n, critic_iteration, [ops.zeros((), n.dtype)])
-        adv, l1, tv, aux = self.generator_step(images[n][..., :1], attrs[n][:, :w], attrs[n][:, w:])
+        adv, l1, tv, aux = self.generator_step(images[n][..., :c], attrs[n][:, :w], attrs[n][:, w:])
         for name, v in (("generator", adv), ("map_l1", l1), ("tv", tv), ("aux", aux),
                         ("n_critic", ops.cast(n, "float32"))):
             self.trackers[name].update_state(v)
@@ -290,7 +292,8 @@ def from_args(args, schema, regressor=True):
     return VAGAN(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"], reg, args["critic"],
                  args["gp_at"], args["lambda_gp"], args["lambda_map"], args["lambda_aux"], args["lambda_tv"],
                  args["gap_scale"], args["n_critic"], args["n_critic_long"], args["critic_warmup"],
-                 args["critic_retune"], args["seed"])
+                 args["critic_retune"], args["seed"],
+                 channels=args.get("channels", 1))
 
 
 def compile_from_args(model, args):

@@ -89,11 +89,12 @@ def make_batches(args, n_samples=4):
 
 
 def start_run(args, method, growable=("epochs",)):
-    """The opening of every train_*.py: seed, batches (setting args.size from the store, so the run's
-    config.json records it), then the run directory. Returns (train batches, val batches or None, Run)."""
+    """The opening of every train_*.py: seed, batches (setting args.size and args.channels from the store, so
+    the run's config.json records them; a config without channels is of a one-channel store), then the run
+    directory. Returns (train batches, val batches or None, Run)."""
     set_seed(args.seed)
     batches, val = make_batches(args)
-    args.size = batches.store.size
+    args.size, args.channels = batches.store.size, batches.store.channels
     return batches, val, Run(args.out, method, args, batches.schema, args.resume, growable)
 
 
@@ -205,7 +206,7 @@ def sweep_grids(manipulate, images, raw, schema, n_steps=5):
 
 
 def sweep_columns(manipulate, images, raw, schema, n_steps=5):
-    """The attribute sweep's columns, each (N, S, S, 1) (sweep_grids)."""
+    """The attribute sweep's columns, each (N, S, S, C) (sweep_grids)."""
     columns = []
     for a in schema.attributes:
         if a.kind == "continuous":
@@ -219,12 +220,13 @@ def sweep_columns(manipulate, images, raw, schema, n_steps=5):
 
 
 def column_grids(images, columns):
-    """Two uint8 grids, one row per image: the image then its image in each column, and the change maps
-    (column - image, red brighter, blue darker, saturating at +-CHANGE_SCALE)."""
+    """Two uint8 grids, one row per image: the image then its image in each column (grey, or RGB for 3
+    channels), and the change maps (column - image averaged over the channels, red brighter, blue darker,
+    saturating at +-CHANGE_SCALE)."""
     blank = np.full(images.shape[1:3] + (3,), 255, np.uint8)
-    sweep = [[grids.to_uint8(images[i, ..., 0])] + [grids.to_uint8(c[i, ..., 0]) for c in columns]
+    sweep = [[grids.to_uint8(grids.picture(images[i]))] + [grids.to_uint8(grids.picture(c[i])) for c in columns]
              for i in range(len(images))]
-    change = [[blank] + [grids.diverging(c[i, ..., 0] - images[i, ..., 0], CHANGE_SCALE) for c in columns]
+    change = [[blank] + [grids.diverging((c[i] - images[i]).mean(-1), CHANGE_SCALE) for c in columns]
               for i in range(len(images))]
     return grids.tile(sweep), grids.tile(change)
 
@@ -254,7 +256,7 @@ class Events:
 class SampleGrids:
     """Each epoch: the attribute-sweep grid of fixed validation images and its change maps, as PNGs
     (samples/epoch_NNN.png, samples/epoch_NNN_change.png) and TensorBoard images. A model with a
-    `sample_columns(images, raw)` method (a list of (N, S, S, 1) images) shows those columns instead."""
+    `sample_columns(images, raw)` method (a list of (N, S, S, C) images) shows those columns instead."""
 
     def __init__(self, run, batches, n=4):
         self.run = run

@@ -13,6 +13,15 @@ def to_uint8(images, lo=-1.0, hi=1.0):
     return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def picture(image):
+    """One (S, S, C) image as a PNG cell: (S, S) for one channel, (S, S, 3) RGB for three (other channel counts:
+    their mean, grey)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        return image
+    return image if image.shape[-1] == 3 else image.mean(-1)
+
+
 def diverging(diff, scale):
     """Signed difference map to RGB: loss blue, gain red, zero white; |diff| >= scale saturates."""
     t = np.clip(np.asarray(diff, np.float32) / scale, -1.0, 1.0)

@@ -1,4 +1,5 @@
-"""tf.data pipeline over a slice store: (images (B, S, S, 1) float32 in [-1, 1], encoded attributes (B, width)).
+"""tf.data pipeline over a slice store: (images (B, S, S, C) float32 in [-1, 1], encoded attributes (B, width)),
+C the store's channels (1 for MRI slices).
 
 Images are read from disk batch by batch (a store larger than memory works). The order is a pure function
 of (seed, step): epoch e is a permutation seeded by (seed, e), so a resumed run that starts at `start_step`
@@ -43,7 +44,7 @@ class Batches:
 
     def batch(self, step):
         pos = self.positions(step)
-        x = self.store.images(self.index[pos])[..., None]
+        x = self.store.pixels(self.index[pos])
         if self.jitter:
             x = jitter(x, self.jitter, np.random.default_rng([self.seed, step, 1]))
         return x, self.y[pos]
@@ -76,7 +77,7 @@ class Paired:
 class VisitPairs:
     """Batches of visit pairs of one split (the longitudinal model's): every ordered pair (s, t) of two visits
     of one subject at the same axial index (registered by data_prep, so the same anatomy). batch(step) is
-    (images (B, S, S, 2): source then target, conditions (B, 2 width + 1): encoded source attributes, encoded
+    (images (B, S, S, 2C): source then target, conditions (B, 2 width + 1): encoded source attributes, encoded
     target attributes, age difference in years), a pure function of (seed, step) like Batches."""
 
     def __init__(self, store, split="train", attrs=None, batch_size=32, seed=0):
@@ -101,7 +102,7 @@ class VisitPairs:
         epoch, k = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
         s, t = self.pairs[order[k * self.batch_size:(k + 1) * self.batch_size]].T
-        x = np.stack([self.store.images(s), self.store.images(t)], axis=-1)
+        x = np.concatenate([self.store.pixels(s), self.store.pixels(t)], axis=-1)
         cond = np.concatenate([np.stack([self.y[int(i)] for i in s]), np.stack([self.y[int(i)] for i in t]),
                                (self.age[t] - self.age[s])[:, None]], axis=1)
         return x, cond.astype(np.float32)
@@ -136,7 +137,7 @@ class CriticDraws:
     def draw(self, d):
         x, y = self.source.batch(d)
         partner = self.partners(d)[1]
-        r = self.store.images(partner)[..., None]
+        r = self.store.pixels(partner)
         if self.source.jitter:
             r = jitter(r, self.source.jitter, np.random.default_rng([self.source.seed, d, 3]))
         return np.concatenate([x, r], axis=-1), np.concatenate([y, self.store.encoded(partner, self.schema)], axis=1)
