@@ -115,7 +115,7 @@ def score_followup(store, methods, earlier, later, attrs, batch_size, synthetic,
     rows = [FLOOR, *methods] + ([NOISE_FLOOR] if synthetic else [])
     parts, made = {m: {} for m in rows}, {m: [] for m in methods}
     for e, l in _chunks(store, earlier, later, batch_size):
-        x = store.images(e)[..., None]
+        x = store.pixels(e)
         z = store.images(l)
         source = told(store, e, store.raw(e))
         target = dict(source, **store.raw(l, attrs))
