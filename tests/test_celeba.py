@@ -190,6 +190,7 @@ def test_meandiff_learns_the_red_patch(celeba_store):
     assert d[outside].std(0).max() < 0.1      # elsewhere one offset per channel: no other structure
 
 
+@pytest.mark.slow   # trains every method one --tiny step on the colour store, then evaluate.py (96 CPU s with the fixtures)
 def test_evaluate_scores_a_store_without_ground_truth(celeba_store, celeba_runs, tmp_path, capsys):
     """evaluate.py on the colour store with every method trained on it (each loaded through evaluate's loader and
     run on (N, 32, 32, 3) images): the report says ground truth is unavailable and holds effectiveness,
