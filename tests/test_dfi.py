@@ -106,8 +106,13 @@ class ToyStore:
     def indices(self, split):
         return np.arange(len(self._images))
 
+    channels = 1
+
     def images(self, idx):
         return self._images[idx]
+
+    def pixels(self, idx):
+        return self._images[idx][..., None]
 
     def raw(self, idx):
         return {"age": self.attrs["age"][idx]}
