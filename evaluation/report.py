@@ -38,6 +38,20 @@ def _columns(floor):
     return effect + identity, gt
 
 
+def _paired_tables(rows, keys):
+    """One table per reference: each method's paired differences on `keys` [(column, metric)]; `rows` are
+    (name, summary, ...) with the floor first."""
+    lines = []
+    for ref in REFERENCES:
+        compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
+        if compared:
+            lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
+                      "excludes 0):", ""]
+            lines += _table(["method"] + [c for c, _ in keys],
+                            [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+    return lines
+
+
 def _table(header, rows):
     return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -83,13 +97,7 @@ def followup_markdown(f):
                   "the true counterfactual of the earlier slice at the later attributes (GT change corr.: predicted "
                   "against true change).", ""]
     keys = [(c, k) for c, k in FOLLOWUP_COLUMNS + (FOLLOWUP_GT_COLUMNS if f["synthetic"] else []) if k in DIRECTION]
-    for ref in REFERENCES:
-        compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
-        if compared:
-            lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
-                      "excludes 0):", ""]
-            lines += _table(["method"] + [c for c, _ in keys],
-                            [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+    lines += _paired_tables(rows, keys)
     a = f.get("agreement")
     if a:
         across = ", ".join(f"{k} {_fmt(v)}" for k, v in a["across_methods"].items())
@@ -149,13 +157,7 @@ def report_markdown(metrics, title="Evaluation"):
             lines += [f"Fréchet distance not reported: {floor.get('kid_pairs', 0)} pairs, fewer than {FD_MIN_RATIO}x the "
                       "feature dimension.", ""]
         keys = [(c, k) for c, k in main + gt if k in DIRECTION or k.endswith("bias_mm2")]
-        for ref in REFERENCES:
-            compared = [(r, s["vs"][ref]) for r, s, _ in rows[1:] if ref in s.get("vs", {})]
-            if compared:
-                lines += [f"Paired difference to {ref} (method - {ref}; **better** / worse only where the interval "
-                          "excludes 0):", ""]
-                lines += _table(["method"] + [c for c, _ in keys],
-                                [[r] + [_diff_cell(vs.get(k)) for _, k in keys] for r, vs in compared]) + [""]
+        lines += _paired_tables(rows, keys)
     lines += [f"## Unchanged attributes (target = source), n = {m['n']}", ""]
     lines += _table(["method", "reconstruction MSE ↓", f"composition L1 after {REPEATS}× ↓", "vs meandiff (recon., comp.)"],
                     [[k, _cell(v["unchanged"], "reconstruction_mse", v.get("by_construction", ())),
