@@ -320,14 +320,12 @@ class InfoGAN(keras.Model):
         """The classic InfoGAN figure for the per-epoch grid: row i the categorical value i mod cat_dim, columns a
         sweep of each continuous code over [-1, 1] (the others 0), one fixed z (the grid's first column: the
         validation slices)."""
-        n, columns = len(images), []
+        n, k = len(images), self.cont_dim * n_steps                 # k columns, generated in one call
+        cont = np.zeros((k, n, self.cont_dim), np.float32)
         for j in range(self.cont_dim):
-            for v in np.linspace(-1, 1, n_steps):
-                cont = np.zeros((n, self.cont_dim), np.float32)
-                cont[:, j] = v
-                c = self.code_vector(np.arange(n) % self.cat_dim, cont)
-                columns.append(np.asarray(self.generate(np.repeat(self.figure_z, n, 0), c)))
-        return columns
+            cont[j * n_steps:(j + 1) * n_steps, :, j] = np.linspace(-1, 1, n_steps)[:, None]
+        c = self.code_vector(np.tile(np.arange(n) % self.cat_dim, k), cont.reshape(k * n, self.cont_dim))
+        return np.split(np.asarray(self.generate(np.repeat(self.figure_z, k * n, 0), c)), k)
 
 
 def from_args(args, schema, mode="decode"):

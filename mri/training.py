@@ -206,17 +206,18 @@ def sweep_grids(manipulate, images, raw, schema, n_steps=5):
 
 
 def sweep_columns(manipulate, images, raw, schema, n_steps=5):
-    """The attribute sweep's columns, each (N, S, S, C) (sweep_grids)."""
-    columns = []
+    """The attribute sweep's columns, each (N, S, S, C) (sweep_grids), from one call of `manipulate` on every
+    column's images and targets stacked (eager calls cost far more than their size)."""
+    targets = []
     for a in schema.attributes:
         if a.kind == "continuous":
             values = [a.mean + a.std * z for z in np.linspace(-2, 2, n_steps)]
         else:
             values = list(range(a.width if a.kind == "categorical" else 2))
-        for v in values:
-            target = dict(raw, **{a.name: np.full(len(images), v, np.float32)})
-            columns.append(np.asarray(manipulate(images, raw, target)).reshape(images.shape))
-    return columns
+        targets += [dict(raw, **{a.name: np.full(len(images), v, np.float32)}) for v in values]
+    stack = lambda dicts: {k: np.concatenate([np.asarray(d[k]) for d in dicts]) for k in dicts[0]}
+    changed = manipulate(np.concatenate([images] * len(targets)), stack([raw] * len(targets)), stack(targets))
+    return np.split(np.asarray(changed).reshape((len(targets) * len(images),) + images.shape[1:]), len(targets))
 
 
 def column_grids(images, columns):

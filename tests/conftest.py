@@ -131,7 +131,7 @@ def store_path(tmp_path_factory):
 
 
 ORACLE_ARGS = ["--attrs", "age,dx,sex", "--tiny", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8",
-               "--seed", "5"]
+               "--seed", "5", "--calibration-batches", "3"]
 
 
 def train_tiny_oracle(store, out):

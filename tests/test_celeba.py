@@ -160,7 +160,7 @@ def celeba_runs(celeba_store, tmp_path_factory):
     run = lambda name: str(root / name)
     common = ["--store", celeba_store, "--attrs", ATTRS, "--tiny", *STEPS, "--epochs", "1"]
     train_oracle.main(["--store", celeba_store, "--attrs", ATTRS, "--out", run("oracle"), "--tiny", "--epochs", "1",
-                       "--steps-per-epoch", "2", "--batch-size", "4", "--seed", "1"])
+                       "--steps-per-epoch", "2", "--batch-size", "4", "--seed", "1", "--calibration-batches", "2"])
     train_fader.main([*common, "--out", run("fader")])
     train_cgan.main([*common, "--z-dim", "8", "--encoder-epochs", "1", "--out", run("cgan")])
     train_vagan.main([*common, "--n-critic", "1", "--n-critic-long", "1", "--out", run("vagan")])

@@ -234,7 +234,7 @@ def features_run(store_path, tmp_path_factory):
     import train_oracle
     out = str(tmp_path_factory.mktemp("dfi_features") / "feat")
     train_oracle.main(["--store", store_path, "--attrs", "age,dx", "--out", out, "--epochs", "1",
-                       "--steps-per-epoch", "2", "--batch-size", "8", "--seed", "5"])
+                       "--steps-per-epoch", "2", "--batch-size", "8", "--seed", "5", "--calibration-batches", "2"])
     return out
 
 

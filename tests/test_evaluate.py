@@ -95,7 +95,8 @@ def planted(tmp_path_factory, fake_truth):
     d = tmp_path_factory.mktemp("planted")
     store = write_planted_store(str(d / "planted.h5"))
     train_oracle.main(["--store", store, "--out", str(d / "oracle"), "--tiny", "--epochs", "4",
-                       "--steps-per-epoch", "40", "--batch-size", "16", "--seed", "1"])
+                       "--steps-per-epoch", "40", "--batch-size", "16", "--seed", "1",
+                       "--calibration-batches", "10"])
     reports = []
     for k in range(2):
         reports.append(str(d / f"report{k}"))

@@ -180,7 +180,12 @@ def test_reloaded_run_maps_codes_and_manipulates(straight, store_path):
     assert decode.supports(src, tgt).tolist() == [dx_ok, dx_ok, True, False]
     np.testing.assert_array_equal(residual.manipulate(x, src, src), x)
     assert residual.by_construction and not decode.by_construction
-    assert sorted(len(c) for c in model.sample_columns(x, src)) == [n] * 10       # 2 codes x 5 steps
+    columns = model.sample_columns(x, src)
+    assert [len(c) for c in columns] == [n] * 10                             # 2 codes x 5 steps
+    cont = np.zeros((n, 2), np.float32)
+    cont[:, 1] = -0.5                                                        # column 6: code 2 at its second step
+    code = model.code_vector(np.arange(n) % model.cat_dim, cont)             # row r: categorical value r mod cat_dim
+    np.testing.assert_allclose(columns[6], model.generate(np.repeat(model.figure_z, n, 0), code), atol=1e-5)
 
 
 def test_help_has_seed(capsys):

@@ -156,9 +156,9 @@ def test_training_learns_the_change_and_resumes_exactly(planted, tmp_path):
     common = ["--store", planted, "--attrs", "age,dx", "--tiny", "--batch-size", "8", "--steps-per-epoch", "15",
               "--lr", "3e-3", "--seed", "2"]
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    train_longitudinal.main(common + ["--out", full, "--epochs", "4"])
-    train_longitudinal.main(common + ["--out", split, "--epochs", "2"])
-    train_longitudinal.main(common + ["--out", split, "--epochs", "4", "--resume"])
+    train_longitudinal.main(common + ["--out", full, "--epochs", "2"])
+    train_longitudinal.main(common + ["--out", split, "--epochs", "1"])
+    train_longitudinal.main(common + ["--out", split, "--epochs", "2", "--resume"])
     a, b = read_checkpoint(full), read_checkpoint(split)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])

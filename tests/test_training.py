@@ -100,11 +100,15 @@ def test_sweep_grids_shape_and_change_maps():
     grid, change = training.sweep_grids(manipulate, images, raw, s, n_steps=5)
     columns = 1 + 5 + 3 + 2   # source, age -2..+2 std, each dx class, each sex
     assert grid.shape[:2] == change.shape[:2] == (3 * 18 + 2, columns * 18 + 2) and grid.dtype == np.uint8
-    cell = lambda col: change[2:18, 2 + col * 18:18 + col * 18]           # first row's cell in column col
-    assert np.all(cell(1 + 5 + 1) == [255, 0, 0]) and np.all(cell(1 + 5) == 255)   # MCI saturated red, CN white
-    assert len(calls) == columns - 1
-    np.testing.assert_allclose(calls[0]["age"], s["age"].mean - 2 * s["age"].std)
-    assert calls[5]["dx"].tolist() == [0, 0, 0] and calls[-1]["sex"].tolist() == [1, 1, 1]
+    cell = lambda row, col: change[2 + row * 18:18 + row * 18, 2 + col * 18:18 + col * 18]
+    for row in range(3):                                                # MCI saturated red, CN white, every row
+        assert np.all(cell(row, 1 + 5 + 1) == [255, 0, 0]) and np.all(cell(row, 1 + 5) == 255)
+    assert len(calls) == 1                                              # every column in one call, in order
+    target = {k: v.reshape(columns - 1, 3) for k, v in calls[0].items()}
+    np.testing.assert_allclose(target["age"][0], s["age"].mean - 2 * s["age"].std)
+    np.testing.assert_allclose(target["age"][:5, 0], s["age"].mean + s["age"].std * np.linspace(-2, 2, 5), rtol=1e-6)
+    assert target["dx"][5].tolist() == [0, 0, 0] and target["dx"][0].tolist() == raw["dx"].tolist()
+    assert target["sex"][-1].tolist() == [1, 1, 1] and target["sex"][-2].tolist() == [0, 0, 0]
 
 
 def test_make_batches_errors_are_clear(tmp_path):

@@ -277,7 +277,7 @@ def test_regressor_must_predict_the_attributes(store_path, regressor, tmp_path):
     import train_oracle
     only_age = str(tmp_path / "age_only")
     train_oracle.main(["--store", store_path, "--attrs", "age", "--out", only_age, "--tiny", "--epochs", "1",
-                       "--steps-per-epoch", "1"])
+                       "--steps-per-epoch", "1", "--calibration-batches", "1"])
     with pytest.raises(SystemExit, match=r"does not predict \['dx', 'sex'\]"):
         train(store_path, only_age, tmp_path / "bad", "--epochs", "1")
     with pytest.raises(SystemExit, match="not a trained oracle"):
