@@ -48,9 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by subject)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (and of the synthetic cohort)")
     p.add_argument("--workers", type=int, default=2, help="processes used for the volumes")
-    p.add_argument("--no-register", action="store_true",
-                   help="cut every volume with its own plan (data already registered); by default each follow-up "
-                        "is registered rigidly to its subject's first visit and cut with that visit's plan")
+    p.add_argument("--register", choices=("auto", "on", "off"), default="auto",
+                   help="on: register each follow-up rigidly to its subject's first visit and cut it with that "
+                        "visit's plan; off: cut every volume with its own plan (data already registered); auto "
+                        "(default): on for scans, off for --synthetic, whose visits are rendered in one pose")
+    p.add_argument("--no-register", dest="register", action="store_const", const="off", help="the same as --register off")
     p.add_argument("--label-map", action="append", default=[], metavar="ATTR:VALUE=CLASS",
                    help="map an unknown label, e.g. dx:SMC=CN (repeatable)")
     flat = p.add_argument_group("--preset celeba and image-folder (2D images)")
@@ -71,6 +73,7 @@ def parse_args(argv=None):
         p.error(f"--synthetic-visits {','.join(args.synthetic_visits)!r}: start with bl, then mNN codes (e.g. bl,m12,m48)")
     if not args.synthetic and not (args.images and args.csv):
         p.error("give --images and --csv for a real cohort, or --synthetic N")
+    args.register = {"on": True, "off": False}.get(args.register, not args.synthetic)   # auto: scans only
     return args
 
 
@@ -88,7 +91,7 @@ def main(argv=None):
                      attrs=tuple(x for x in a.attrs.split(",") if x), size=a.size, slices=a.slices,
                      spacing=a.spacing, split=split, seed=a.seed, workers=a.workers,
                      label_maps=tuple(a.label_map), id_regex=a.id_regex, id_column=a.id_column,
-                     attr_columns=a.attr_columns, register=not a.no_register, channels=a.channels,
+                     attr_columns=a.attr_columns, register=a.register, channels=a.channels,
                      partition=a.partition)
     try:
         if a.synthetic:

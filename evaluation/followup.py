@@ -4,7 +4,7 @@ On a real cohort the only truth of a change is the follow-up scan. For each test
 visits, every pair of its visits in time order (`visit_pairs`: by age, then visit code, as data_prep orders
 them) gives, at each axial index both hold, a pair (earlier slice x, later slice z): data_prep registers every
 follow-up to the subject's first visit and cuts it with that visit's plan, so slice k of every visit shows the
-same anatomy (stores built with --no-register are only as aligned as the scans; the result records which).
+same anatomy (stores built with --register off are only as aligned as the scans; the result records which).
 Each method turns x into the later visit's attributes, y = M(x, earlier -> later), told the images, the two
 visits' attributes (the evaluated ones; the others keep the earlier's) and the slice positions (`told`),
 nothing else. Per pair, against the real later slice z, inside the earlier slice's brain (its pixels above

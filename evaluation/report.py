@@ -72,7 +72,7 @@ def followup_markdown(f):
              f"{f['pairs']} pairs of slices from {f['visit_pairs']} pairs of visits of {f['subjects']} test subjects "
              f"(seed {f['seed']})" + (f", {span['mean']:.2f} years apart on average ({span['min']:.2f}-{span['max']:.2f})"
                                       if span else "") + "; visits " + {True: "registered to the first visit by data_prep",
-                                                                        False: "not registered (--no-register)"}.get(
+                                                                        False: "not registered (--register off)"}.get(
                  f.get("registered"), "of unknown registration") + ". Values: mean over pairs [95 % interval from "
              f"{f['bootstrap']['resamples']} resamples of test subjects]. MSE/SSIM: the method's image against the "
              "real later slice (brain = inside the earlier slice's brain); change corr.: Pearson correlation, inside "

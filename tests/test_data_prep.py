@@ -224,3 +224,14 @@ def test_other_presets_join_their_ids(tmp_path):
     assert s.volumes == 1 and s.orphans == [("13",)]
     with SliceStore(str(tmp_path / "i.h5")) as st:
         assert st.subject[0] == "IXI012" and st.schema["sex"].kind == "binary"
+
+
+def test_registration_is_on_for_scans_and_off_for_the_synthetic_cohort():
+    """--register auto registers real follow-ups; the synthetic cohort's visits are rendered in one pose, so auto
+    cuts them with their (identical) own plans; on and off (and --no-register) override it."""
+    import data_prep
+    real, synthetic = ["--images", "i", "--csv", "c.csv"], ["--synthetic", "3"]
+    register = lambda *flags: data_prep.parse_args([*flags, "--out", "s.h5"]).register
+    assert register(*real) is True and register(*synthetic) is False
+    assert register(*real, "--register", "off") is False and register(*real, "--no-register") is False
+    assert register(*synthetic, "--register", "on") is True and register(*real, "--register", "on") is True
