@@ -78,19 +78,34 @@ def main(argv=None):
         evaluation.check_oracle(store, oracle, attrs)
         for spec in args.methods:
             check_independent(spec, args.oracle)
-        methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
+        methods = inside_head({spec: load_method(spec, store, attrs=attrs) for spec in args.methods}, store)
         truth = make("truth", store) if is_synthetic(store) else None
         if truth is None:
             print(f"{store.path} is not a synthetic store: ground truth is unavailable; scoring effectiveness, "
                   "identity, reconstruction, composition, reversibility and KID")
         metrics = evaluation.evaluate(store, oracle, methods, args.n, args.seed, args.batch_size, attrs, args.bootstrap)
     metrics["oracle"] = args.oracle
+    metrics["background_kept_beyond_px"] = background_kept(store)
     changes = [evaluation.change_for(store.schema[a]) for a in attrs]
     metrics["figures"] = evaluation.draw_trajectories(store, methods, changes, args.out, args.seed, args.subjects, truth)
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(evaluation.report_markdown(metrics, f"Evaluation of {', '.join(methods)}"))
     print(f"wrote {os.path.abspath(args.out)}/report.md")
+
+
+def background_kept(store):
+    """Pixels by which the source's head is grown before the background beyond it is kept (models.InsideHead),
+    or None on a 2D image dataset (photographs have no background)."""
+    from models import HEAD_GROW
+    from mri.data.pipeline import IMAGE_PRESETS
+    return None if store.provenance.get("preset") in IMAGE_PRESETS else HEAD_GROW
+
+
+def inside_head(methods, store):
+    """{spec: method} with every method's background kept (models.inside_head), except on 2D image datasets."""
+    import models
+    return methods if background_kept(store) is None else {k: models.inside_head(m) for k, m in methods.items()}
 
 
 def followup(args):
@@ -102,10 +117,10 @@ def followup(args):
         missing = [a for a in attrs if a not in store.schema.names]
         if missing:
             raise ValueError(f"--attrs {missing} are not in {store.path} ({store.schema.names})")
-        methods = {spec: load_method(spec, store, attrs=attrs) for spec in args.methods}
+        methods = inside_head({spec: load_method(spec, store, attrs=attrs) for spec in args.methods}, store)
         result = evaluation.evaluate_followup(store, methods, args.n, args.seed, args.batch_size, attrs,
                                               args.bootstrap)
-    metrics = {"followup": result}
+    metrics = {"followup": result, "background_kept_beyond_px": background_kept(store)}
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(evaluation.report_markdown(metrics, f"Follow-up evaluation of {', '.join(methods)}"))

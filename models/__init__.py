@@ -22,6 +22,9 @@ True for each pair it can make (CycleGAN: from one of its two domains into the o
 `manipulate` on those pairs only, scores it on them, reports how many, compares it with the references on the
 pairs both make, and leaves the other cells of its trajectory figures blank. A method without `supports` makes
 every change. At unchanged attributes (target = source) every method is scored.
+
+evaluate.py (on slices of volumes) and simulate.py wrap every method but truth and identity in `InsideHead`:
+outside the source's head grown by HEAD_GROW pixels the output is the source, so no method moves the background.
 """
 import importlib
 import inspect
@@ -98,6 +101,51 @@ def load_method(spec, store, attrs=None):
     if mode and "mode" not in accepts:
         raise ValueError(f"{spec}: a {method} run has no manipulation modes; give the run directory alone")
     return module.from_run(run_dir, **({"mode": mode} if mode else {}))
+
+
+HEAD_GROW = 3   # pixels the source's head is grown by: atrophy moves the outline inwards, so its rim may change
+
+
+def head(images, grow=HEAD_GROW):
+    """(N, S, S, 1) bool: each image's head, its pixels above the background in any channel (data_prep's 5 %
+    threshold, mri.data.tissue.filled_foreground) with the holes filled, grown by `grow` pixels within the slice."""
+    from scipy import ndimage
+    from mri.data.tissue import filled_foreground
+    x = np.asarray(images, np.float32)
+    inside = filled_foreground(x.reshape(len(x), *x.shape[1:3], -1).max(-1))
+    if grow:
+        within_slice = np.zeros((3, 3, 3), bool)
+        within_slice[1] = ndimage.generate_binary_structure(2, 1)
+        inside = ndimage.binary_dilation(inside, within_slice, iterations=grow)
+    return inside[..., None]
+
+
+def keep_background(images, changed, grow=HEAD_GROW):
+    """`changed` inside each source image's grown head (`head`), the source image outside it."""
+    x = np.asarray(images, np.float32)
+    return np.where(head(x, grow), np.asarray(changed, np.float32).reshape(x.shape), x)
+
+
+class InsideHead:
+    """A method whose changes stay inside the head: its `manipulate` followed by `keep_background`; every other
+    attribute is the method's. evaluate.py (on slices of volumes) and simulate.py score and show methods through
+    it, so no method moves the background far outside the head; the evaluator's reference (truth) and identity
+    are left as they are."""
+
+    def __init__(self, method, grow=HEAD_GROW):
+        self.method, self.grow = method, grow
+
+    def manipulate(self, images, source_attrs, target_attrs):
+        return keep_background(images, self.method.manipulate(images, source_attrs, target_attrs), self.grow)
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+
+def inside_head(method, grow=HEAD_GROW):
+    """`method` as an InsideHead, except the baselines whose output is no method's change (truth, identity)."""
+    from models.baselines import Identity, Truth
+    return method if isinstance(method, (Identity, Truth, InsideHead)) else InsideHead(method, grow)
 
 
 def supported(method, source, target, n):

@@ -125,11 +125,13 @@ def positional(method, slices, same_geometry):
 
 def run(sim, method, store, batch_size):
     """{target name: manipulated slab} of `sim`'s targets; a scan file's slab gets meandiff's per-position
-    models when it was cut with `store`'s geometry (`positional`)."""
+    models when it was cut with `store`'s geometry (`positional`). The background beyond the source's grown
+    head stays the scan's (models.inside_head)."""
+    from models import inside_head
     if sim.index is None:
         same = store is not None and store_geometry(store) == (len(sim.slab), sim.spacing)
         method = positional(method, len(sim.slab), same)
-    return manipulate_slab(method, sim.slab, sim.source, sim.targets, sim.index, batch_size)
+    return manipulate_slab(inside_head(method), sim.slab, sim.source, sim.targets, sim.index, batch_size)
 
 
 def manipulate_slab(method, slab, source, targets, index, batch_size):

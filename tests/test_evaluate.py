@@ -343,6 +343,8 @@ def test_metrics_are_complete_finite_and_reproducible(planted):
     assert not bad, bad
     assert math.isfinite(m["methods"]["meandiff"]["age"]["gt_change_cosine"])
     assert set(m["methods"]) == {"identity", "meandiff", "truth"} and m["synthetic"] and m["n"] == 24
+    from models import HEAD_GROW
+    assert m["background_kept_beyond_px"] == HEAD_GROW
     assert m["protocol"]["age"]["pairs"] == 24 and m["protocol"]["dx"]["pairs"] == 48
     # every metric has its interval, and the interval holds the point estimate's neighbourhood
     for method, attrs in m["methods"].items():

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from conftest import as_lps, as_permuted, brain, write_adni_cohort
 import simulation
+from models import head
 from mri.data import tissue
 from mri.data.volumes import (apply_plan, load_canonical, process_file, sample_grid, slab_to_volume, to_native,
                             volume_to_slab)
@@ -191,6 +192,24 @@ def test_methods_get_the_slab_positions_in_batches(scans, store_path, tmp_path, 
         assert tgt["dx"].tolist() == [2] * n and tgt["age"].tolist() == [75] * n
 
 
+def test_the_background_beyond_the_grown_head_stays_the_scans(scans, store_path, tmp_path, monkeypatch):
+    size, slices, spacing = geometry(store_path)
+
+    class Brighter:
+        def manipulate(self, images, source_attrs, target_attrs):
+            return np.asarray(images) + 0.25
+
+    monkeypatch.setattr(simulation, "load_method", lambda *a: Brighter())
+    out = str(tmp_path / "o")
+    simulate("--method", "identity", "--store", store_path, "--input", scans["ras"], "--source", "age=70",
+             "--age", 80, "--out", out)
+    source = process_file(scans["ras"], size, slices, spacing)[0]
+    inside = head(source[..., None])[..., 0]
+    assert 0 < inside.mean() < 1
+    expected = np.where(inside, source + 0.25, source)
+    np.testing.assert_allclose(read(out, "age_80.nii.gz")[0], slab_to_volume(expected), atol=1e-6)
+
+
 def test_a_change_the_method_does_not_make_stops_before_any_work(scans, store_path, tmp_path, monkeypatch):
     calls = []
 
@@ -221,6 +240,7 @@ def test_meandiff_uses_the_model_of_each_slab_position(scans, store_path, tmp_pa
     dx = (design(fit.schema, {"age": np.array([80.0])}) - design(fit.schema, {"age": np.array([70.0])}))[0]
     source = process_file(scans["ras"], size, slices, spacing)[0]
     expected = np.clip(source + np.einsum("d,kdp->kp", dx, fit.coef).reshape(source.shape), -1, 1)
+    expected = np.where(head(source[..., None])[..., 0], expected, source)    # the background stays the scan's
     np.testing.assert_allclose(read(out, "age_80.nii.gz")[0], slab_to_volume(expected), atol=1e-6)
     # another geometry: the per-position models do not apply, the model over all positions does
     out3 = str(tmp_path / "meandiff3")
@@ -229,7 +249,8 @@ def test_meandiff_uses_the_model_of_each_slab_position(scans, store_path, tmp_pa
     err = capsys.readouterr().err
     assert f"3 slices {spacing:g} mm apart differ from the {slices} slices" in err and "model over all positions" in err
     source3 = process_file(scans["ras"], size, 3, spacing)[0]
-    expected3 = np.clip(source3 + (dx @ fit.coef_all).reshape(size, size), -1, 1)
+    expected3 = np.where(head(source3[..., None])[..., 0], np.clip(source3 + (dx @ fit.coef_all).reshape(size, size), -1, 1),
+                         source3)
     np.testing.assert_allclose(read(out3, "age_80.nii.gz")[0], slab_to_volume(expected3), atol=1e-6)
 
 
