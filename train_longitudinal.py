@@ -21,6 +21,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("longitudinal change model")
     g.add_argument("--parameterisation", default="displacement", choices=("displacement", "intensity"),
                    help="the change per year: a displacement field plus an intensity rate, or an intensity rate alone")
+    g.add_argument("--integration", default="squaring", choices=("squaring", "linear"),
+                   help="displacement: squaring warps by exp(dt v), the flow of v for dt years (scaling and "
+                        "squaring, invertible: -dt undoes +dt); linear warps by dt v")
     g.add_argument("--filters", type=int, default=16, help="U-Net feature maps at full resolution")
     g.add_argument("--lambda-smooth", type=float, default=1.0, help="weight of the displacement's squared gradient")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

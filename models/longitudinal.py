@@ -11,11 +11,15 @@ Network (f = filters; c = [y_s, y_t without its age]: the source's attributes an
                                             displacement field v (pixels per year), an intensity rate r (per
                                             year) and a nuisance g (no unit of time)
 Change, parameterised (`--parameterisation`):
-    displacement   x' = clip(W(x_s, dt v) + dt r)     W samples x_s at p + dt v(p) (bilinear)
+    displacement   x' = clip(W(x_s, phi) + dt r)      W samples x_s at p + phi(p) (bilinear), with
+                   phi = exp(dt v)  (`--integration squaring`: the flow of the velocity v for dt years, by
+                                     scaling and squaring: dt v / 2^6 composed with itself 6 times)
+                   phi = dt v       (`--integration linear`; runs made before the option)
     intensity      x' = clip(x_s + dt r)
-The network never sees the target's age, so v and r do not depend on dt and the change is exactly linear in dt
-(before clipping; the warp moves borders by dt v): what is learnt from 1-2-year pairs is a rate that extrapolates
-to +-10 years, never a function of dt it was not trained at. Atrophy moves tissue borders; a displacement that
+The network never sees the target's age, so v and r do not depend on dt: the intensity change is exactly linear
+in dt (before clipping) and the displacement is the flow of one velocity field, so +10 years is ten 1-year
+steps composed and -dt undoes +dt (up to interpolation): what is learnt from 1-2-year pairs is a rate that
+extrapolates to +-10 years, never a function of dt it was not trained at. Atrophy moves tissue borders; a displacement that
 grows with dt extrapolates where a difference image only scales. A diagnosis change at the same age (dt = 0) is
 no change: visit pairs rarely change diagnosis, and diagnosis enters as the rate's condition.
 
@@ -40,6 +44,8 @@ from models.vagan import map_generator
 from mri import training
 
 PARAMETERISATIONS = ("displacement", "intensity")
+INTEGRATIONS = ("squaring", "linear")   # the displacement of dt years: exp(dt v), or dt v (runs before squaring)
+SQUARINGS = 6         # scaling and squaring: dt v halved 6 times, then composed with itself 6 times
 FOREGROUND = -0.9     # [-1, 1] images: the background is -1
 GROW = 2              # pixels the foreground is grown by (atrophy moves the outline inwards)
 TINY_FILTERS = 4
@@ -51,24 +57,37 @@ def foreground(x):
 
 
 def warp(x, displacement):
-    """x (N, S, S, 1) sampled at p + displacement(p) (N, S, S, 2: rows, columns; bilinear, edges repeated)."""
+    """x (N, S, S, C) sampled at p + displacement(p) (N, S, S, 2: rows, columns; bilinear, edges repeated)."""
     n, s = ops.shape(x)[0], ops.shape(x)[1]
     b, i, j = ops.meshgrid(ops.arange(n, dtype="float32"), ops.arange(s, dtype="float32"),
                            ops.arange(s, dtype="float32"), indexing="ij")
     coords = ops.stack([b, i + displacement[..., 0], j + displacement[..., 1]])
-    return ops.image.map_coordinates(x[..., 0], coords, order=1, fill_mode="nearest")[..., None]
+    return ops.stack([ops.image.map_coordinates(x[..., c], coords, order=1, fill_mode="nearest")
+                      for c in range(x.shape[-1])], axis=-1)
+
+
+def integrate(velocity, squarings=SQUARINGS):
+    """exp(velocity): the displacement after unit time of the flow of a stationary velocity field (pixels), by
+    scaling and squaring: phi = velocity / 2^K, then K times phi <- phi + phi(p + phi(p)) (phi composed with itself)."""
+    phi = velocity / 2.0 ** squarings
+    for _ in range(squarings):
+        phi = phi + warp(phi, phi)
+    return phi
 
 
 class Longitudinal(keras.Model):
     """The change model: `fields(x, y_s, y_t)` gives the per-year fields, `change(...)` the changed slice."""
 
     def __init__(self, schema, size=128, filters=16, parameterisation="displacement", lambda_smooth=1.0, seed=0,
-                 **kwargs):
+                 integration="squaring", **kwargs):
         super().__init__(**kwargs)
         if size % 8:
             raise ValueError(f"image size must be a multiple of 8 (the U-Net pools 3 times), got {size}")
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}")
+        if integration not in INTEGRATIONS:
+            raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
+        self.integration = integration
         self.schema, self.parameterisation, self.lambda_smooth = schema, parameterisation, lambda_smooth
         if "age" not in schema.names:
             raise ValueError("the longitudinal model needs the 'age' attribute (the time between visits)")
@@ -108,10 +127,14 @@ class Longitudinal(keras.Model):
         grown foreground; with `nuisance` (training's prediction of the follow-up scan) plus g."""
         v, r, g = self.fields(x, y_s, y_t, training)
         dt = ops.reshape(ops.cast(dt, "float32"), (-1, 1, 1, 1))
-        moved = warp(x, dt * v) if self.parameterisation == "displacement" else x
+        moved = warp(x, self.displacement(dt * v)) if self.parameterisation == "displacement" else x
         changed = ops.clip(moved + dt * r + (g if nuisance else 0.0), -1.0, 1.0)
         inside = foreground(x)
         return inside * changed + (1.0 - inside) * x, v
+
+    def displacement(self, velocity):
+        """The displacement of a velocity dt v: its flow exp(dt v) (`integrate`), or dt v itself (`linear`)."""
+        return integrate(velocity) if self.integration == "squaring" else velocity
 
     def call(self, inputs, training=False):
         return self.change(*inputs, training=training)[0]
@@ -155,7 +178,8 @@ class Longitudinal(keras.Model):
 
 def from_args(args, schema):
     return Longitudinal(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"],
-                        args["parameterisation"], args["lambda_smooth"], args["seed"])
+                        args["parameterisation"], args["lambda_smooth"], args["seed"],
+                        args.get("integration", "linear"))      # runs before --integration warped linearly
 
 
 def compile_from_args(model, args):

@@ -52,8 +52,26 @@ def test_warp_moves_by_the_displacement():
     np.testing.assert_allclose(np.asarray(longitudinal.warp(x, half))[:, :, :-1], (x[:, :, :-1] + x[:, :, 1:]) / 2, atol=1e-5)
 
 
-def _model(schema, parameterisation="displacement", perturb=True):
-    m = longitudinal.Longitudinal(schema, 32, filters=4, parameterisation=parameterisation)
+def test_integrated_displacement_is_a_flow():
+    """exp(v) by scaling and squaring: a constant field is its own flow; exp(-v) undoes exp(v) (composed, the
+    displacements cancel) far better than -v undoes v; at v = 0 nothing moves."""
+    zero = np.zeros((1, 32, 32, 2), "float32")
+    np.testing.assert_array_equal(longitudinal.integrate(zero), zero)
+    const = zero + np.array([1.5, -0.75], "float32")
+    np.testing.assert_allclose(longitudinal.integrate(const), const, atol=1e-5)
+    i, j = np.mgrid[:32, :32] / 31.0
+    v = zero.copy()
+    v[0, ..., 0], v[0, ..., 1] = 3 * np.sin(np.pi * j), 2 * np.cos(np.pi * i)     # a smooth swirl of up to 3 px
+    there, back = (np.asarray(longitudinal.integrate(s * v)) for s in (1.0, -1.0))
+    inner = (slice(None), slice(6, -6), slice(6, -6))                               # away from the repeated edges
+    composed = back + np.asarray(longitudinal.warp(there, back))                    # the displacement of exp(v) after exp(-v)
+    linear = -v + np.asarray(longitudinal.warp(v, -v))
+    assert np.abs(composed[inner]).max() < 0.1 < 0.5 < np.abs(linear[inner]).max()
+    assert np.abs(there - v)[inner].max() > 0.2                                     # the flow is not v itself
+
+
+def _model(schema, parameterisation="displacement", perturb=True, integration="squaring"):
+    m = longitudinal.Longitudinal(schema, 32, filters=4, parameterisation=parameterisation, integration=integration)
     if perturb:   # weights away from the zero output layer, so the model changes slices
         rng = np.random.default_rng(1)
         for w in m.net.weights:
@@ -107,19 +125,22 @@ def test_rate_does_not_see_the_target_age(planted):
         assert np.abs(np.asarray(older_source[1]) - np.asarray(near[1])).max() > 1e-6
 
 
-@pytest.mark.parametrize("parameterisation", ["displacement", "intensity"])
-def test_manipulate_is_the_rate_times_dt_without_the_nuisance(planted, parameterisation):
-    """manipulate = clip(W(x, dt v) + dt r) inside the grown foreground, computed here from the fields, for
-    dt = +3 and -7 years; the training prediction of the follow-up adds g; the intensity change doubles with dt."""
+@pytest.mark.parametrize("parameterisation, integration", [("displacement", "squaring"), ("displacement", "linear"),
+                                                            ("intensity", "squaring")])
+def test_manipulate_is_the_rate_times_dt_without_the_nuisance(planted, parameterisation, integration):
+    """manipulate = clip(W(x, exp(dt v) or dt v) + dt r) inside the grown foreground, computed here from the
+    fields, for dt = +3 and -7 years; the training prediction of the follow-up adds g; the intensity change
+    doubles with dt."""
     with SliceStore(planted) as store:
         schema = store.schema.select(["age", "dx"])
         x, src = _inputs(store, np.arange(6), schema)
-        model = _model(schema, parameterisation)
+        model = _model(schema, parameterisation, integration=integration)
+        flow = longitudinal.integrate if integration == "squaring" else (lambda d: d)
         inside = np.asarray(longitudinal.foreground(x)) > 0
         for dt in (3.0, -7.0):
             tgt = dict(src, age=src["age"] + dt)
             v, r, g = (np.asarray(a) for a in model.fields(*_tensors(schema, x, src, tgt)))
-            moved = np.asarray(longitudinal.warp(x, dt * v)) if parameterisation == "displacement" else x
+            moved = np.asarray(longitudinal.warp(x, flow(dt * v))) if parameterisation == "displacement" else x
             expected = np.where(inside, np.clip(moved + dt * r, -1, 1), x)
             np.testing.assert_allclose(model.manipulate(x, src, tgt), expected, atol=1e-5)
             dts = ops.convert_to_tensor(np.full(len(x), dt, np.float32))
@@ -143,7 +164,8 @@ def test_pair_loss_is_the_followup_prediction_error(planted):
         v, r, g = (np.asarray(a) for a in model.fields(*(ops.convert_to_tensor(a) for a in (x, y_s, y_t))))
         d = dt.reshape(-1, 1, 1, 1)
         m = np.asarray(longitudinal.foreground(x))
-        pred = np.where(m > 0, np.clip(np.asarray(longitudinal.warp(x, d * v)) + d * r + g, -1, 1), x)
+        pred = np.where(m > 0, np.clip(np.asarray(longitudinal.warp(x, longitudinal.integrate(d * v))) + d * r + g,
+                                       -1, 1), x)
         pair, _, ident = (float(a) for a in model.losses_of(tuple(ops.convert_to_tensor(a) for a in batch)))
         np.testing.assert_allclose(pair, (m * (pred - target) ** 2).sum() / m.sum(), rtol=1e-4)
         np.testing.assert_allclose(ident, (m * (x - target) ** 2).sum() / m.sum(), rtol=1e-4)
@@ -168,3 +190,18 @@ def test_training_learns_the_change_and_resumes_exactly(planted, tmp_path):
         pair, _, ident = (float(v) for v in model.losses_of(tuple(ops.convert_to_tensor(a) for a in pairs.batch(0))))
     assert pair < ident
     assert json.load(open(os.path.join(full, "config.json")))["method"] == "longitudinal"
+
+
+def test_runs_without_the_integration_option_warp_linearly():
+    """A run's config.json from before --integration has no "integration": it loads as the linear warp it was
+    trained with; new runs record theirs."""
+    import train_longitudinal
+    from mri.data.attributes import Attribute, Schema
+    schema = Schema([Attribute("age", "continuous").fit(np.linspace(60, 90, 7))])
+    args = dict(size=32, tiny=True, filters=4, parameterisation="displacement", lambda_smooth=1.0, seed=0)
+    assert longitudinal.from_args(args, schema).integration == "linear"
+    assert longitudinal.from_args(dict(args, integration="squaring"), schema).integration == "squaring"
+    parsed = vars(train_longitudinal.parse_args(["--store", "s.h5"]))
+    assert parsed["integration"] == "squaring"
+    with pytest.raises(ValueError, match="integration must be one of"):
+        longitudinal.Longitudinal(schema, 32, filters=4, integration="euler")
