@@ -26,6 +26,8 @@ def parse_args(argv=None):
                         "squaring, invertible: -dt undoes +dt); linear warps by dt v")
     g.add_argument("--filters", type=int, default=16, help="U-Net feature maps at full resolution")
     g.add_argument("--lambda-smooth", type=float, default=1.0, help="weight of the displacement's squared gradient")
+    g.add_argument("--lambda-rate-smooth", type=float, default=0.0,
+                   help="weight of the intensity rate's squared gradient (0: off)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     return training.parse(p, argv)
 

@@ -32,7 +32,8 @@ and g is dropped by `manipulate`: the counterfactual of a scan keeps the scan's 
 re-renders a slice at other attributes with its noise seed), so the change applied is x' alone.
 
 Loss over a batch of pairs (M = the source's foreground grown by 2 pixels, means over pixels):
-    L = sum M (x_t^ - x_t)^2 / sum M  +  lambda_smooth mean |grad v|^2
+    L = sum M (x_t^ - x_t)^2 / sum M  +  lambda_smooth mean |grad v|^2  +  lambda_rate_smooth mean |grad r|^2
+(the last, off by default, keeps pixel-to-pixel texture out of the rate, which dt multiplies)
 The targets carry their own scan noise, so the model learns the expected change. Outside M nothing changes.
 """
 import keras
@@ -66,6 +67,12 @@ def warp(x, displacement):
                       for c in range(x.shape[-1])], axis=-1)
 
 
+def squared_gradient(field):
+    """The mean squared difference of neighbouring pixels of a (N, S, S, C) field, along rows plus along columns."""
+    return (ops.mean(ops.square(field[:, 1:] - field[:, :-1])) +
+            ops.mean(ops.square(field[:, :, 1:] - field[:, :, :-1])))
+
+
 def integrate(velocity, squarings=SQUARINGS):
     """exp(velocity): the displacement after unit time of the flow of a stationary velocity field (pixels), by
     scaling and squaring: phi = velocity / 2^K, then K times phi <- phi + phi(p + phi(p)) (phi composed with itself)."""
@@ -79,7 +86,7 @@ class Longitudinal(keras.Model):
     """The change model: `fields(x, y_s, y_t)` gives the per-year fields, `change(...)` the changed slice."""
 
     def __init__(self, schema, size=128, filters=16, parameterisation="displacement", lambda_smooth=1.0, seed=0,
-                 integration="squaring", **kwargs):
+                 integration="squaring", lambda_rate_smooth=0.0, **kwargs):
         super().__init__(**kwargs)
         if size % 8:
             raise ValueError(f"image size must be a multiple of 8 (the U-Net pools 3 times), got {size}")
@@ -87,7 +94,7 @@ class Longitudinal(keras.Model):
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}")
         if integration not in INTEGRATIONS:
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
-        self.integration = integration
+        self.integration, self.lambda_rate_smooth = integration, lambda_rate_smooth
         self.schema, self.parameterisation, self.lambda_smooth = schema, parameterisation, lambda_smooth
         if "age" not in schema.names:
             raise ValueError("the longitudinal model needs the 'age' attribute (the time between visits)")
@@ -98,7 +105,8 @@ class Longitudinal(keras.Model):
         out.kernel.assign(ops.zeros_like(out.kernel))   # the untrained model changes nothing
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", "pair_mse", "smooth", "identity_mse")}
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in ("loss", "pair_mse", "smooth", "rate_smooth",
+                                                                "identity_mse")}
         self.built = True
 
     def compile(self, optimizer, jit_compile=False):
@@ -123,14 +131,14 @@ class Longitudinal(keras.Model):
         return v, out[..., 2:3], out[..., 3:]
 
     def change(self, x, y_s, y_t, dt, training=False, nuisance=False):
-        """(x', per-year displacement): x changed by dt years (dt (N,)) towards y_t, unchanged outside the
-        grown foreground; with `nuisance` (training's prediction of the follow-up scan) plus g."""
+        """(x', per-year displacement v, per-year intensity rate r): x changed by dt years (dt (N,)) towards y_t,
+        unchanged outside the grown foreground; with `nuisance` (training's prediction of the follow-up) plus g."""
         v, r, g = self.fields(x, y_s, y_t, training)
         dt = ops.reshape(ops.cast(dt, "float32"), (-1, 1, 1, 1))
         moved = warp(x, self.displacement(dt * v)) if self.parameterisation == "displacement" else x
         changed = ops.clip(moved + dt * r + (g if nuisance else 0.0), -1.0, 1.0)
         inside = foreground(x)
-        return inside * changed + (1.0 - inside) * x, v
+        return inside * changed + (1.0 - inside) * x, v, r
 
     def displacement(self, velocity):
         """The displacement of a velocity dt v: its flow exp(dt v) (`integrate`), or dt v itself (`linear`)."""
@@ -147,22 +155,23 @@ class Longitudinal(keras.Model):
 
     def losses_of(self, data, training=False):
         x, y_s, y_t, dt, target = self.split(data)
-        changed, v = self.change(x, y_s, y_t, dt, training, nuisance=True)
+        changed, v, r = self.change(x, y_s, y_t, dt, training, nuisance=True)
         m = foreground(x)
         pair = ops.sum(m * ops.square(changed - target)) / ops.maximum(ops.sum(m), 1.0)
-        smooth = (ops.mean(ops.square(v[:, 1:] - v[:, :-1])) + ops.mean(ops.square(v[:, :, 1:] - v[:, :, :-1])))
         ident = ops.sum(m * ops.square(x - target)) / ops.maximum(ops.sum(m), 1.0)
-        return pair, smooth, ident
+        return pair, squared_gradient(v), squared_gradient(r), ident
 
     def train_step(self, data):
-        """One Adam step on L = pair MSE (with the nuisance) inside the brain + lambda_smooth |grad v|^2."""
+        """One Adam step on L = pair MSE (with the nuisance) inside the brain + lambda_smooth |grad v|^2
+        + lambda_rate_smooth |grad r|^2."""
         import tensorflow as tf
         with tf.GradientTape() as tape:
-            pair, smooth, ident = self.losses_of(data, training=True)
-            loss = pair + self.lambda_smooth * smooth
+            pair, smooth, rate_smooth, ident = self.losses_of(data, training=True)
+            loss = pair + self.lambda_smooth * smooth + self.lambda_rate_smooth * rate_smooth
         weights = self.net.trainable_weights
         self.u_optimizer.apply(tape.gradient(loss, weights), weights)
-        for name, v in (("loss", loss), ("pair_mse", pair), ("smooth", smooth), ("identity_mse", ident)):
+        for name, v in (("loss", loss), ("pair_mse", pair), ("smooth", smooth), ("rate_smooth", rate_smooth),
+                        ("identity_mse", ident)):
             self.trackers[name].update_state(v)
         self.step.assign_add(1)
         return {name: t.result() for name, t in self.trackers.items()}
@@ -179,7 +188,8 @@ class Longitudinal(keras.Model):
 def from_args(args, schema):
     return Longitudinal(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"],
                         args["parameterisation"], args["lambda_smooth"], args["seed"],
-                        args.get("integration", "linear"))      # runs before --integration warped linearly
+                        args.get("integration", "linear"),      # runs before --integration warped linearly
+                        args.get("lambda_rate_smooth", 0.0))
 
 
 def compile_from_args(model, args):

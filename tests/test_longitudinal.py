@@ -166,9 +166,20 @@ def test_pair_loss_is_the_followup_prediction_error(planted):
         m = np.asarray(longitudinal.foreground(x))
         pred = np.where(m > 0, np.clip(np.asarray(longitudinal.warp(x, longitudinal.integrate(d * v))) + d * r + g,
                                        -1, 1), x)
-        pair, _, ident = (float(a) for a in model.losses_of(tuple(ops.convert_to_tensor(a) for a in batch)))
+        pair, smooth, rate_smooth, ident = (float(a) for a in model.losses_of(tuple(ops.convert_to_tensor(a)
+                                                                                     for a in batch)))
         np.testing.assert_allclose(pair, (m * (pred - target) ** 2).sum() / m.sum(), rtol=1e-4)
         np.testing.assert_allclose(ident, (m * (x - target) ** 2).sum() / m.sum(), rtol=1e-4)
+        grad2 = lambda f: np.mean((f[:, 1:] - f[:, :-1]) ** 2) + np.mean((f[:, :, 1:] - f[:, :, :-1]) ** 2)
+        np.testing.assert_allclose([smooth, rate_smooth], [grad2(v), grad2(r)], rtol=1e-4)
+        assert rate_smooth > 0 and smooth > 0
+        # one step's logged loss is the weighted sum, at the weights before the step
+        model.lambda_smooth, model.lambda_rate_smooth = 2.0, 50.0
+        import keras
+        model.compile(keras.optimizers.SGD(0.0))
+        logs = model.train_step(tuple(ops.convert_to_tensor(a) for a in batch))
+        np.testing.assert_allclose(float(logs["loss"]), pair + 2.0 * smooth + 50.0 * rate_smooth, rtol=1e-4)
+        np.testing.assert_allclose(float(logs["rate_smooth"]), rate_smooth, rtol=1e-4)
 
 
 def test_training_learns_the_change_and_resumes_exactly(planted, tmp_path):
@@ -187,7 +198,7 @@ def test_training_learns_the_change_and_resumes_exactly(planted, tmp_path):
     model = longitudinal.from_run(full)
     with SliceStore(planted) as store:
         pairs = VisitPairs(store, "val", ["age", "dx"], batch_size=8, seed=0)
-        pair, _, ident = (float(v) for v in model.losses_of(tuple(ops.convert_to_tensor(a) for a in pairs.batch(0))))
+        pair, _, _, ident = (float(v) for v in model.losses_of(tuple(ops.convert_to_tensor(a) for a in pairs.batch(0))))
     assert pair < ident
     assert json.load(open(os.path.join(full, "config.json")))["method"] == "longitudinal"
 
