@@ -37,7 +37,7 @@ def main(argv=None):
     from models import longitudinal
     from mri.data.io import exit_on
     from mri.data.loader import VisitPairs
-    batches, val, run = training.start_run(args, "longitudinal")
+    batches, val, run = training.start_run(args, "longitudinal", legacy=longitudinal.LEGACY_ARGS)
     with exit_on(ValueError):
         pairs = VisitPairs(batches.store, "train", args.attrs, args.batch_size, args.seed)
         model = longitudinal.compile_from_args(longitudinal.from_args(vars(args), pairs.schema), vars(args))

@@ -47,6 +47,7 @@ from mri import training
 PARAMETERISATIONS = ("displacement", "intensity")
 INTEGRATIONS = ("squaring", "linear")   # the displacement of dt years: exp(dt v), or dt v (runs before squaring)
 SQUARINGS = 6         # scaling and squaring: dt v halved 6 times, then composed with itself 6 times
+LEGACY_ARGS = {"integration": "linear", "lambda_rate_smooth": 0.0}   # runs made before these options had these
 FOREGROUND = -0.9     # [-1, 1] images: the background is -1
 GROW = 2              # pixels the foreground is grown by (atrophy moves the outline inwards)
 TINY_FILTERS = 4
@@ -188,8 +189,7 @@ class Longitudinal(keras.Model):
 def from_args(args, schema):
     return Longitudinal(schema, args["size"], TINY_FILTERS if args["tiny"] else args["filters"],
                         args["parameterisation"], args["lambda_smooth"], args["seed"],
-                        args.get("integration", "linear"),      # runs before --integration warped linearly
-                        args.get("lambda_rate_smooth", 0.0))
+                        *(args.get(k, v) for k, v in LEGACY_ARGS.items()))
 
 
 def compile_from_args(model, args):

@@ -88,14 +88,19 @@ def make_batches(args, n_samples=4):
     return train, val
 
 
-def start_run(args, method, growable=("epochs",)):
+# arguments added after runs were made, with the value those runs had: a run's config.json without one is read
+# with it (by `Run` when resuming; models read theirs with args.get(name, value))
+LEGACY_ARGS = {"channels": 1}
+
+
+def start_run(args, method, growable=("epochs",), legacy=None):
     """The opening of every train_*.py: seed, batches (setting args.size and args.channels from the store, so
     the run's config.json records them; a config without channels is of a one-channel store), then the run
-    directory. Returns (train batches, val batches or None, Run)."""
+    directory (`legacy`: the method's own LEGACY_ARGS). Returns (train batches, val batches or None, Run)."""
     set_seed(args.seed)
     batches, val = make_batches(args)
     args.size, args.channels = batches.store.size, batches.store.channels
-    return batches, val, Run(args.out, method, args, batches.schema, args.resume, growable)
+    return batches, val, Run(args.out, method, args, batches.schema, args.resume, growable, legacy)
 
 
 def helper_path(arg, value):
@@ -121,7 +126,7 @@ class Run:
     """A run directory: config.json (arguments + schema + method + its helper runs' paths and weight hashes),
     checkpoint, log.csv, tb/, samples/."""
 
-    def __init__(self, out, method, args, schema, resume=False, growable=("epochs",)):
+    def __init__(self, out, method, args, schema, resume=False, growable=("epochs",), legacy=None):
         self.out, self.method = out, method
         self.checkpoint = os.path.join(out, CHECKPOINT)
         config_path = os.path.join(out, "config.json")
@@ -132,9 +137,11 @@ class Run:
             if not os.path.exists(self.checkpoint):
                 raise SystemExit(f"--resume: no checkpoint in {out}; start it without --resume")
             old = read_json(config_path)
-            old_args = {k: helper_path(k, v) for k, v in old["args"].items()}
-            changed = {k for k in set(old_args) | set(config["args"])
-                       if k not in growable and old_args.get(k) != config["args"].get(k)}
+            before = {**LEGACY_ARGS, **(legacy or {})}     # what a run made before an argument existed had
+            old_args = {**before, **{k: helper_path(k, v) for k, v in old["args"].items()}}
+            new_args = {**before, **config["args"]}
+            changed = {k for k in set(old_args) | set(new_args)
+                       if k not in growable and old_args.get(k) != new_args.get(k)}
             if changed:
                 flags = ", ".join("--" + k.replace("_", "-") for k in growable)
                 raise SystemExit(f"--resume: arguments {sorted(changed)} differ from {config_path}; "

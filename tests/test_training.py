@@ -83,6 +83,28 @@ def test_run_refuses_to_overwrite_and_to_resume_with_other_arguments(tmp_path):
         training.load_config(str(tmp_path))
 
 
+def test_a_run_from_before_an_argument_resumes_with_its_legacy_value(tmp_path):
+    """A config.json written before an argument existed reads it as the value those runs had (training's
+    LEGACY_ARGS, e.g. channels 1, and the method's own): resuming with that value works, another is refused."""
+    out = str(tmp_path / "old")
+    run = training.Run(out, "longitudinal", args(), schema())      # no channels, no integration: an old run's config
+    open(run.checkpoint, "wb").close()
+    path = run.checkpoint.replace(training.CHECKPOINT, "config.json")
+    old = open(path).read()
+
+    def resume(**kw):
+        with open(path, "w") as f:
+            f.write(old)
+        return training.Run(out, "longitudinal", args(**kw), schema(), resume=True, legacy={"integration": "linear"})
+    resume(channels=1, integration="linear")
+    with pytest.raises(SystemExit, match=r"\['integration'\] differ"):
+        resume(channels=1, integration="squaring")
+    with pytest.raises(SystemExit, match=r"\['channels'\] differ"):
+        resume(channels=3, integration="linear")
+    with pytest.raises(SystemExit, match=r"\['sweeps'\] differ"):                     # no legacy value: refused
+        resume(channels=1, integration="linear", sweeps=2)
+
+
 def test_jit_is_off_on_cpu_by_default():
     assert training.jit_compile("auto") is False
     assert training.jit_compile("on") is True and training.jit_compile("off") is False
