@@ -753,3 +753,26 @@ def test_change_cosine_reads_direction_inside_the_brain_only():
     np.testing.assert_allclose(score(opposite)["gt_change_cosine"], -1.0, rtol=1e-9)
     assert np.isnan(score(x)["gt_change_cosine"]).all()
     assert evaluation.protocol.DIRECTION["gt_change_cosine"] == 1
+
+
+@pytest.mark.parametrize("followup", [False, True])
+def test_evaluate_scores_every_method_but_truth_and_identity_inside_the_head(planted, tmp_path, monkeypatch, followup):
+    """evaluate.py hands the evaluator (both protocols) meandiff wrapped in models.InsideHead, truth and identity
+    as they are."""
+    import evaluate
+    import models
+
+    class Stop(Exception):
+        pass
+    seen = {}
+
+    def capture(store, *args, **kwargs):
+        seen.update(next(a for a in args if isinstance(a, dict)))
+        raise Stop
+    monkeypatch.setattr(evaluation, "evaluate_followup" if followup else "evaluate", capture)
+    store, oracle, _ = planted
+    with pytest.raises(Stop):
+        evaluate.main(["--store", store, "--oracle", oracle, "--methods", "identity,meandiff,truth", "--n", "4",
+                       "--out", str(tmp_path / "r")] + (["--followup"] if followup else []))
+    assert isinstance(seen["meandiff"], models.InsideHead)
+    assert not isinstance(seen["identity"], models.InsideHead) and not isinstance(seen["truth"], models.InsideHead)
