@@ -4,9 +4,9 @@ or from 2D images: CelebA, or any folder of PNG/JPEG images with a CSV of attrib
     python data_prep.py --synthetic 200 --out data/synthetic.h5
     python data_prep.py --synthetic 200 --synthetic-version 1 --out data/synthetic_v1.h5
     python data_prep.py --images ADNI/ --csv ADNIMERGE.csv --preset adni --out data/adni.h5 --attrs age,dx
-    python data_prep.py --preset celeba --images celeba/img_align_celeba --csv celeba/list_attr_celeba.txt \
+    python data_prep.py --preset celeba --images celeba/img_align_celeba --csv celeba/list_attr_celeba.txt \\
         --out data/celeba64.h5 --size 64
-    python data_prep.py --preset image-folder --images photos/ --csv photos.csv --id-column file \
+    python data_prep.py --preset image-folder --images photos/ --csv photos.csv --id-column file \\
         --attr-columns smile:smiling:binary,age:age:continuous --out data/photos.h5
 """
 import argparse

@@ -6,7 +6,7 @@
 
 Writes <out>/metrics.json, <out>/report.md and trajectory PNGs (sample sizes in their names and captions).
 
-    python evaluate.py --followup --store data/synthetic.h5 \
+    python evaluate.py --followup --store data/synthetic.h5 \\
         --methods identity,meandiff,truth,runs/fader/default --out reports/followup
 
 --followup scores the follow-up protocol instead (evaluation/followup.py; no oracle needed): for each test

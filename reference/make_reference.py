@@ -1,9 +1,9 @@
 """Build reference/real_slices.npz: real skull-stripped T1 brains cut exactly as data_prep.py cuts a volume.
 
-    python reference/make_reference.py --store data/synthetic.h5 --out reference/real_slices.npz \
-        --brain icbm152_2009a=mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz \
-        --tissue icbm152_2009a:gm=mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz \
-        --tissue icbm152_2009a:wm=mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz \
+    python reference/make_reference.py --store data/synthetic.h5 --out reference/real_slices.npz \\
+        --brain icbm152_2009a=mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz \\
+        --tissue icbm152_2009a:gm=mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz \\
+        --tissue icbm152_2009a:wm=mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz \\
         --brain colin27=ch2bet.nii.gz
 
 Each --brain NAME=PATH is preprocessed by the toolkit's own code for a user's scan (mri.data.scans.scan_from_file,

@@ -43,3 +43,21 @@ def test_imports_are_found_where_they_hide(tmp_path, source, expected):
     path = tmp_path / "m.py"
     path.write_text(source)
     assert list(imported_packages(str(path))) == expected
+
+
+def joined_command_lines(path):
+    """Lines of a module docstring (what --help prints) where a `\\` meant as the shell's line continuation was
+    read by Python as joining two lines: the second line's indent is left in the middle of the first."""
+    doc = ast.get_docstring(ast.parse(open(path).read(), path), clean=False) or ""
+    return [line for line in doc.splitlines() if "python " in line and "      --" in line]
+
+
+def test_help_examples_keep_their_line_continuations(tmp_path):
+    scripts = [os.path.join(d, f) for d in (ROOT, os.path.join(ROOT, "tools"), os.path.join(ROOT, "reference"))
+               for f in sorted(os.listdir(d)) if f.endswith(".py")]
+    assert len(scripts) > 12
+    wrong = {os.path.relpath(p, ROOT): joined_command_lines(p) for p in scripts}
+    assert not {k: v for k, v in wrong.items() if v}
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""Usage.\n\n    python x.py --a 1 \\\n        --b 2\n"""\n')      # a single backslash in the source
+    assert joined_command_lines(str(bad)) == ["    python x.py --a 1         --b 2"]

@@ -2,7 +2,7 @@
 evaluate.py scores): mean squared error to the exact counterfactual of age +-10 years, beside meandiff and
 identity on the same slices.
 
-    python tools/dfi_settings.py --run runs/dfi/synthetic --n 32 --ks 100,400 --windows 0,1 --alphas 0.5,1 \
+    python tools/dfi_settings.py --run runs/dfi/synthetic --n 32 --ks 100,400 --windows 0,1 --alphas 0.5,1 \\
         --tv-weights 0,0.01
 
 For each TV weight, z*(0) and z*(alpha) of the same slices are reconstructed once; decode = z*(alpha),
