@@ -1,9 +1,10 @@
-"""tools/documented_runs.py: every step's command parses, a step is done only when all its epochs are trained,
+"""tools/documented_runs.py and the README's main job: every step's command parses, a step is done only when all its epochs are trained,
 an interrupted run is resumed, and a failing step stops the chain without losing what was done."""
 import importlib
 import importlib.util
 import json
 import os
+import shlex
 import sys
 
 import pytest
@@ -25,6 +26,17 @@ def test_every_steps_command_is_accepted_by_its_script():
         script = importlib.import_module(argv[0][:-len(".py")])
         script.parse_args(argv[1:])          # exits (SystemExit) on an unknown flag or a bad value
     assert len({s[0] for s in tool.STEPS}) == len(tool.STEPS), "step names must be unique"
+
+
+def test_every_main_job_command_in_the_readme_is_accepted_by_its_script():
+    sys.path.insert(0, ROOT)
+    lines = [line.split("#")[0] for line in open(os.path.join(ROOT, "README.md")) if line.startswith("python ")
+             and not line.startswith("python -m")]
+    scripts = [shlex.split(line)[1] for line in lines]
+    assert "data_prep.py" in scripts and "evaluate.py" in scripts and len(lines) >= 5
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        importlib.import_module(argv[0][:-len(".py")]).parse_args(argv[1:])
 
 
 def write_log(out, rows):

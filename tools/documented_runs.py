@@ -19,12 +19,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE, ORACLE_STORE = "data/synthetic.h5", "data/synthetic_oracle.h5"
+VISITS = "bl,m36,m72"     # visits 3 and 6 years apart: a 1-2-year change is small against scan noise (docs/longitudinal.md)
 ORACLE, REGRESSOR = "runs/oracle_independent", "runs/regressor"
 TRAIN = ["--store", STORE, "--attrs", "age,dx"]
 
 # (name, argv, the file whose existence marks the step done; None: a train_*.py run, done when trained)
 STEPS = [
-    ("store", ["data_prep.py", "--synthetic", "200", "--out", STORE], STORE),
+    ("store", ["data_prep.py", "--synthetic", "200", "--synthetic-visits", VISITS, "--out", STORE], STORE),
     ("oracle_store", ["data_prep.py", "--synthetic", "1000", "--seed", "1", "--out", ORACLE_STORE], ORACLE_STORE),
     ("regressor", ["train_oracle.py", *TRAIN, "--out", REGRESSOR, "--epochs", "4", "--patience", "2", "--seed", "1"],
      REGRESSOR + "/oracle.keras"),
