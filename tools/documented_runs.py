@@ -46,9 +46,6 @@ STEPS = [
                   "--methods", "identity,meandiff,truth,runs/fader/synthetic,runs/fader/synthetic@residual,"
                   "runs/cgan/synthetic,runs/cgan/synthetic_laplacian,runs/longitudinal/synthetic"],
      "reports/synthetic/metrics.json"),
-    ("followup", ["evaluate.py", "--followup", "--store", STORE, "--out", "reports/synthetic_followup", "--n", "256",
-                  "--methods", "identity,meandiff,truth,runs/fader/synthetic@residual,runs/cgan/synthetic,"
-                  "runs/longitudinal/synthetic"], "reports/synthetic_followup/metrics.json"),
     ("cyclegan_dx", ["train_cyclegan.py", "--store", STORE, "--domains", "dx=CN:Dementia", "--out", "runs/cyclegan/dx",
                      "--filters", "16", "--batch-size", "4", "--epochs", "10", "--steps-per-epoch", "100"], None),
     ("cyclegan_age", ["train_cyclegan.py", "--store", STORE, "--domains", "age<70:age>=75",
@@ -73,6 +70,11 @@ STEPS = [
     ("evaluate_vagan", ["evaluate.py", "--store", STORE, "--oracle", ORACLE, "--out", "reports/synthetic_vagan",
                         "--n", "256", "--methods", "identity,meandiff,truth,runs/fader/synthetic@residual,"
                         "runs/vagan/synthetic"], "reports/synthetic_vagan/metrics.json"),
+    ("followup", ["evaluate.py", "--followup", "--store", STORE, "--out", "reports/synthetic_followup", "--n", "256",
+                  "--methods", "identity,meandiff,truth,runs/fader/synthetic,runs/fader/synthetic@residual,"
+                  "runs/cgan/synthetic,runs/cgan/synthetic_laplacian,runs/longitudinal/synthetic,runs/cyclegan/dx,"
+                  "runs/cyclegan/age,runs/infogan/synthetic@residual,runs/vagan/synthetic,runs/dfi/synthetic_k400"],
+     "reports/synthetic_followup/metrics.json"),
 ]
 
 
