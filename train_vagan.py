@@ -15,7 +15,7 @@ runtime.start()   # imports TensorFlow quietly before anything else does; prints
 from models import vagan  # noqa: E402
 from mri import training  # noqa: E402
 from mri.data.io import exit_on  # noqa: E402
-from mri.data.loader import CriticDraws  # noqa: E402
+from mri.data.loader import CriticDraws, VisitPairs, WithPairs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     g.add_argument("--critic-warmup", type=int, default=25, help="first generator steps with --n-critic-long")
     g.add_argument("--critic-retune", type=int, default=100, help="every this many steps: --n-critic-long")
     g.add_argument("--filters", type=int, default=16, help="maps of the first level (U-Net 16..128, critic 16..256)")
+    g.add_argument("--pair-weight", type=float, default=0.0,
+                   help="weight of the visit-pair loss: each step also changes a batch of earlier visits to their "
+                        "later visit's attributes and scores the MSE to the later slice (0: no pairs)")
     g.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate, betas (0, 0.9): the report's 1e-3 scored better than the reference's 1e-4")
     return training.parse(p, argv)
@@ -48,11 +51,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    batches, val, run = training.start_run(args, "vagan")
+    batches, val, run = training.start_run(args, "vagan", legacy=vagan.LEGACY_ARGS)
     with exit_on(ValueError, FileNotFoundError):
         model = vagan.from_args(vars(args), batches.schema)
+        draws = CriticDraws(batches, model.draws)
+        if args.pair_weight:
+            draws = WithPairs(draws, VisitPairs(batches.store, "train", args.attrs, args.batch_size, args.seed))
     vagan.compile_from_args(model, vars(args))
-    return training.fit(model, CriticDraws(batches, model.draws), run, args, val or batches)
+    return training.fit(model, draws, run, args, val or batches)
 
 
 if __name__ == "__main__":

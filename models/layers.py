@@ -1,5 +1,5 @@
-"""Building blocks shared by the methods: DCGAN-style down/up blocks, spatial conditioning, a fixed Laplacian,
-and the fused kernels that make them fast on CPU. Functional style: each block takes a (symbolic) tensor and
+"""Building blocks shared by the methods: DCGAN-style down/up blocks, spatial conditioning, a fixed Laplacian, the
+grown-foreground mask of the visit-pair losses, and the fused kernels that make them fast on CPU. Functional style: each block takes a (symbolic) tensor and
 returns one.
 
 Batch normalisation uses PyTorch's defaults (momentum 0.1 there = 0.9 here, epsilon 1e-5), as the papers'
@@ -159,6 +159,16 @@ class Laplacian(layers.Layer):
 
 def laplacian(x):
     return Laplacian()(x)
+
+
+FOREGROUND = -0.9     # [-1, 1] images: the background is -1
+GROW = 2              # pixels the foreground is grown by (atrophy moves the outline inwards)
+
+
+def foreground(x, grow=GROW):
+    """(N, S, S, 1) 0/1 in the graph: pixels above the background, grown by `grow` pixels (the visit-pair losses'
+    mask; models.head is the evaluation's, in numpy, with holes filled)."""
+    return ops.max_pool(ops.cast(x > FOREGROUND, "float32"), 2 * grow + 1, strides=1, padding="same")
 
 
 def _openblas_libraries():

@@ -40,7 +40,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.layers import FusedAdam
+from models.layers import FusedAdam, foreground
 from models.vagan import map_generator
 from mri import training
 
@@ -48,14 +48,7 @@ PARAMETERISATIONS = ("displacement", "intensity")
 INTEGRATIONS = ("squaring", "linear")   # the displacement of dt years: exp(dt v), or dt v (runs before squaring)
 SQUARINGS = 6         # scaling and squaring: dt v halved 6 times, then composed with itself 6 times
 LEGACY_ARGS = {"integration": "linear", "lambda_rate_smooth": 0.0}   # runs made before these options had these
-FOREGROUND = -0.9     # [-1, 1] images: the background is -1
-GROW = 2              # pixels the foreground is grown by (atrophy moves the outline inwards)
 TINY_FILTERS = 4
-
-
-def foreground(x):
-    """(N, S, S, 1) 0/1: pixels above the background, grown by GROW pixels."""
-    return ops.max_pool(ops.cast(x > FOREGROUND, "float32"), 2 * GROW + 1, strides=1, padding="same")
 
 
 def warp(x, displacement):

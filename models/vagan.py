@@ -27,6 +27,12 @@ class change 2 for categorical, 1 for binary):
                   x^ = e r + (1 - e) x' (interpolates) or x' (--gp-at changed); the norm over all image axes
     M  minimises  -D(x', y_t) + lambda_map exp(-d / gap_scale) |x' - x| + lambda_tv TV(x' - x)
                   + lambda_aux l(y_t, R(x'))                                        on draw n_critic
+With visit pairs (`--pair-weight` w_p > 0; mri/data/loader.WithPairs adds a batch of mri/data/loader.VisitPairs
+to each step: a slice x_s and the same subject's slice x_t at another visit, same axial index, attributes y_s, y_t),
+M also minimises
+                  w_p sum(F (x_s' - x_t)^2) / sum(F),   x_s' = x_s changed from y_s to y_t,
+F the source's foreground grown by 2 pixels (models/layers.foreground): the observed change of a subject
+supervises the map, as train_longitudinal.py's pair loss (without its nuisance term).
 TV(m) = mean |m[i+1, j] - m[i, j]| + mean |m[i, j+1] - m[i, j]| (a pattern that fools R pixel by pixel pays it
 everywhere; an anatomical change pays it along its edges). exp(-d / gap_scale): larger changes may change more
 (Xia et al.: exp(-gap / 60 years)). An unchanged source is no equilibrium: D has seen real slices with y_t.
@@ -37,10 +43,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from models.layers import FusedAdam, batch_norm, tile
+from models.layers import FusedAdam, batch_norm, foreground, tile
 from mri import training
 
 CRITICS = ("conditional", "unconditional")
+LEGACY_ARGS = {"pair_weight": 0.0}   # runs made before --pair-weight trained without visit pairs
 GP_AT = ("interpolates", "changed")
 TINY_FILTERS = 4
 
@@ -125,7 +132,7 @@ class VAGAN(keras.Model):
     def __init__(self, schema, size=128, filters=16, regressor=None, critic_mode="conditional",
                  gp_at="interpolates", lambda_gp=10.0, lambda_map=10.0, lambda_aux=1.0, lambda_tv=0.0,
                  gap_scale=9.0, n_critic=5, n_critic_long=100, critic_warmup=25, critic_retune=100, seed=0, channels=1,
-                 **kwargs):
+                 pair_weight=0.0, **kwargs):
         super().__init__(**kwargs)
         if size % 16:
             raise ValueError(f"image size must be a multiple of 16 (the critic pools 4 times), got {size}")
@@ -133,7 +140,7 @@ class VAGAN(keras.Model):
             raise ValueError(f"gp_at in {GP_AT}, critic_mode in {CRITICS}")
         self.schema, self.gp_at, self.conditional = schema, gp_at, critic_mode == "conditional"
         self.lambda_gp, self.lambda_map, self.lambda_aux, self.lambda_tv = lambda_gp, lambda_map, lambda_aux, lambda_tv
-        self.gap_scale = gap_scale
+        self.gap_scale, self.pair_weight = gap_scale, pair_weight
         self.schedule = (n_critic, n_critic_long, critic_warmup, critic_retune)
         self.generator = map_generator(size, 2 * schema.width, filters, channels=channels, image_channels=channels)
         self.critic = critic(size, schema.width if self.conditional else 0, filters, channels)
@@ -145,7 +152,7 @@ class VAGAN(keras.Model):
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step")
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.trackers = {n: keras.metrics.Mean(name=n) for n in
-                         ("critic", "wasserstein", "gp", "generator", "map_l1", "tv", "aux", "n_critic")}
+                         ("critic", "wasserstein", "gp", "generator", "map_l1", "tv", "aux", "pair", "n_critic")}
         self.built = True
 
     def compile(self, g_optimizer, d_optimizer, jit_compile=False):
@@ -217,9 +224,16 @@ class VAGAN(keras.Model):
         """exp(-||y_t - y_s||_1 / gap_scale) per slice: the map penalty eases with the size of the change."""
         return ops.exp(-ops.sum(ops.abs(y_t - y_s), axis=1) / self.gap_scale)
 
-    def generator_step(self, x, y_s, y_t):
-        """M minimises -D(x', y_t) + lambda_map w |x' - x| + lambda_tv TV + lambda_aux l(y_t, R(x'));
-        returns (adversarial term, mean |x' - x|, TV, aux)."""
+    def pair_loss(self, x_s, y_s, x_t, y_t):
+        """Mean squared error of x_s changed from y_s to y_t against the later visit x_t, inside F(x_s)."""
+        changed = self.change(x_s, y_s, y_t, training=True)[0]
+        mask = foreground(x_s[..., :1])
+        return ops.sum(mask * ops.square(changed - x_t)) / (ops.sum(mask) * self.channels + 1e-6)
+
+    def generator_step(self, x, y_s, y_t, pairs=None):
+        """M minimises -D(x', y_t) + lambda_map w |x' - x| + lambda_tv TV + lambda_aux l(y_t, R(x'))
+        [+ pair_weight pair_loss on `pairs` = (visit-pair images (B, S, S, 2C), conditions (B, 2 width + 1))];
+        returns (adversarial term, mean |x' - x|, TV, aux, pair loss)."""
         with tf.GradientTape() as tape:
             changed, m = self.change(x, y_s, y_t, training=True)
             adv = -ops.mean(self.score(changed, y_t))
@@ -228,14 +242,24 @@ class VAGAN(keras.Model):
             aux = self.aux_loss(changed, y_t) if self.frozen is not None else ops.zeros(())
             loss = (adv + self.lambda_map * ops.mean(self.map_weights(y_s, y_t) * l1) + self.lambda_tv * tv
                     + self.lambda_aux * aux)
+            pair = ops.zeros(())
+            if pairs is not None:
+                images, cond = pairs
+                c, w = self.channels, self.schema.width
+                pair = self.pair_loss(images[..., :c], cond[:, :w], images[..., c:], cond[:, w:2 * w])
+                loss = loss + self.pair_weight * pair
         weights = self.generator.trainable_weights
         self.g_optimizer.apply(tape.gradient(loss, weights), weights)
-        return adv, ops.mean(l1), tv, aux
+        return adv, ops.mean(l1), tv, aux, pair
 
     def train_step(self, data):
         """data = (images (k, B, S, S, 2): source then real partner, attributes (k, B, 2 width): source's then
-        the partner's = the target), k = n_critic(step) + 1 draws: draw i feeds critic step i, the last M."""
-        images, attrs = data
+        the partner's = the target), k = n_critic(step) + 1 draws: draw i feeds critic step i, the last M;
+        with pair_weight > 0 also a batch of visit pairs (images, conditions) for M (mri/data/loader.WithPairs)."""
+        images, attrs = data[:2]
+        if self.pair_weight and len(data) != 4:
+            raise ValueError("pair_weight > 0: train_step needs visit pairs too (mri/data/loader.WithPairs)")
+        pairs = tuple(data[2:]) if self.pair_weight else None
         n, w, c = self.n_critic(self.step), self.schema.width, self.channels
         tf.debugging.assert_equal(ops.shape(images)[0], ops.cast(n, "int32") + 1,
                                   message="VA-GAN needs n_critic + 1 draws per step (mri/data/loader.CriticDraws)")
@@ -247,8 +271,8 @@ class VAGAN(keras.Model):
             return (i + 1,)
 
         tf.while_loop(lambda i: i < n, critic_iteration, [ops.zeros((), n.dtype)])
-        adv, l1, tv, aux = self.generator_step(images[n][..., :c], attrs[n][:, :w], attrs[n][:, w:])
-        for name, v in (("generator", adv), ("map_l1", l1), ("tv", tv), ("aux", aux),
+        adv, l1, tv, aux, pair = self.generator_step(images[n][..., :c], attrs[n][:, :w], attrs[n][:, w:], pairs)
+        for name, v in (("generator", adv), ("map_l1", l1), ("tv", tv), ("aux", aux), ("pair", pair),
                         ("n_critic", ops.cast(n, "float32"))):
             self.trackers[name].update_state(v)
         self.step.assign_add(1)
@@ -293,7 +317,7 @@ def from_args(args, schema, regressor=True):
                  args["gp_at"], args["lambda_gp"], args["lambda_map"], args["lambda_aux"], args["lambda_tv"],
                  args["gap_scale"], args["n_critic"], args["n_critic_long"], args["critic_warmup"],
                  args["critic_retune"], args["seed"],
-                 channels=args.get("channels", 1))
+                 channels=args.get("channels", 1), pair_weight=args.get("pair_weight", LEGACY_ARGS["pair_weight"]))
 
 
 def compile_from_args(model, args):

@@ -117,7 +117,7 @@ class CriticDraws:
     2)), whose attributes are the target. batch(t) = (images (k, B, S, S, 2): source then partner, attributes (k,
     B, 2 width): the source's then the partner's encoded), k = draws(t); a pure function of (seed, t).
     `draws`: vectorised, an array of steps -> an array of counts >= 1. An epoch is one pass over the split."""
-    varying_draws = True     # dataset(): the leading dimension changes with the step
+    varying = (True, True)   # dataset(): the leading dimension of both arrays changes with the step
 
     def __init__(self, source, draws):
         self.source, self.draws = source, draws
@@ -146,6 +146,22 @@ class CriticDraws:
         first = int(np.sum(self.draws(np.arange(step))))
         images, attrs = zip(*(self.draw(first + j) for j in range(int(self.draws(np.array([step]))[0]))))
         return np.stack(images), np.stack(attrs)
+
+    __call__ = Batches.__call__
+
+
+class WithPairs:
+    """VA-GAN's batches with visit pairs (`--pair-weight`): batch(step) = CriticDraws' (images, attributes) followed
+    by VisitPairs' (images, conditions) at the same step, for the generator's pair loss. Epochs are the draws'."""
+
+    def __init__(self, draws, pairs):
+        self.draws, self.pairs = draws, pairs
+        self.store, self.schema, self.batch_size = draws.store, draws.schema, draws.batch_size
+        self.steps_per_epoch = draws.steps_per_epoch
+        self.varying = draws.varying + (False, False)
+
+    def batch(self, step):
+        return (*self.draws.batch(step), *self.pairs.batch(step))
 
     __call__ = Batches.__call__
 
@@ -235,8 +251,9 @@ def jitter(x, amount, rng):
 def dataset(batches, start_step=0, prefetch=2):
     """Infinite tf.data.Dataset of `batches` from `start_step`, prefetched."""
     import tensorflow as tf
-    lead = (None,) if getattr(batches, "varying_draws", False) else ()
-    spec = tuple(tf.TensorSpec(lead + a.shape[len(lead):], tf.float32) for a in batches.batch(start_step))
+    first = batches.batch(start_step)
+    varying = getattr(batches, "varying", (False,) * len(first))   # arrays whose leading dimension changes
+    spec = tuple(tf.TensorSpec(((None,) + a.shape[1:]) if v else a.shape, tf.float32) for a, v in zip(first, varying))
     ds = tf.data.Dataset.from_generator(lambda: batches(start_step), output_signature=spec)
     return ds.prefetch(prefetch)
 
