@@ -239,3 +239,18 @@ def test_verdict_against_the_real_range():
     shifted = dict(a, gm_inner=max(a["gm_inner"], b["gm_inner"]) + 3 * abs(a["gm_inner"] - b["gm_inner"]))
     row = next(r for r in realism.compare([shifted], {"a": a, "b": b}) if r["name"] == "gm_inner")
     assert row["verdict"] == "out" and row["offset"] == pytest.approx(3.0) and row["ratio"] > 1.5
+
+
+def test_area_profile_finds_the_widest_slice_and_follows_a_shifted_slab():
+    """A stack of discs whose radius peaks at slice 8 of 21: the profile is 1 there and the widest slice is at
+    8 / 20; the same brain cut 4 slices higher has its widest slice 4 slices lower, and the profiles differ."""
+    n, size = 21, 64
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = 25 - 1.5 * np.abs(np.arange(-8, 17) - 0)           # 25 slices of a brain, widest at index 8
+    brain3d = np.stack([np.hypot(yy, xx) < r for r in radius])
+    low, high = brain3d[:n], brain3d[4:4 + n]
+    profile, widest = realism.area_profile(low)
+    assert profile[8] == 1.0 and widest == pytest.approx(8 / (n - 1))
+    assert realism.area_profile(high)[1] == pytest.approx(4 / (n - 1))
+    a, b = ({"area_profile": realism.area_profile(m)[0]} for m in (low, high))
+    assert realism.distance("area_profile", a, a) == 0 and realism.distance("area_profile", a, b) > 0.05

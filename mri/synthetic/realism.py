@@ -49,6 +49,10 @@ Every statistic is computed per brain from its slab (n_slices, S, S) in [-1, 1],
   (through the mask's centroid, rotated by up to 20 degrees and shifted by up to 4 pixels, best by grid search).
 - tilt: the angle (degrees, absolute) between the long principal axis of the slab's mask pixels and the image's
   anterior-posterior axis.
+- area profile: the mask's area per slice over the largest slice's (inferior to superior; distance: mean |difference|
+  over the slices); widest slice: the position of the largest area (the profile smoothed over 5 slices) as a fraction
+  of the slab, 0 the lowest slice, 1 the top one. The slab is centred on the brain's centre of mass, so where its
+  widest section falls tells whether the slab cuts the same anatomy as a real brain's.
 
 Distances between two brains: W1 as above for distributions, histograms and spectra; |a - b| for scalars.
 `compare` reports each statistic as synthetic-to-real distance (mean over synthetic subjects of the mean over
@@ -108,6 +112,8 @@ STATISTICS = {
     "outline_roughness": ("outline roughness (RMS about 4 harmonics)", "shape", "mm", "scalar", 0.1),
     "symmetry_dice": ("left-right symmetry (Dice with mirror)", "shape", "Dice", "scalar", 0.005),
     "tilt_deg": ("tilt of the principal axis", "shape", "degrees", "scalar", 1.0),
+    "area_profile": ("brain area by slice (over the largest)", "shape", "mean |diff| over slices", "profile", 0.01),
+    "widest_slice": ("position of the widest slice (0 lowest, 1 top)", "shape", "fraction of the slab", "scalar", 0.03),
 }
 
 
@@ -425,6 +431,15 @@ def tilt(mask):
     return float(np.degrees(np.arctan2(abs(vx), abs(vy))))
 
 
+def area_profile(mask):
+    """The mask's area per slice over the largest slice's, and the widest slice's position in [0, 1] (the
+    profile smoothed over 5 slices; 0 = the lowest slice)."""
+    area = mask.reshape(len(mask), -1).sum(1).astype(np.float64)
+    profile = area / area.max()
+    widest = np.argmax(ndimage.uniform_filter1d(profile, 5, mode="nearest")) / max(len(profile) - 1, 1)
+    return [float(v) for v in profile], float(widest)
+
+
 def brain_statistics(slab, px_mm, n_bands=4):
     """Every statistic of one brain's slab (see the module docstring); a JSON-serialisable dict plus the
     quantile functions ('q', 'q_bands') used for W1."""
@@ -441,6 +456,7 @@ def brain_statistics(slab, px_mm, n_bands=4):
     dice, midline = mirror_dice(mask)
     profile, counts = gm_by_depth(slab, mask, depth, levels)
     wm_depth, crossed = normal_rays(slab, mask, depth, px_mm, levels)
+    areas, widest = area_profile(mask)
     q = quantiles(values)
     q_bands = [quantiles(slab[b][mask[b]]) for b in bands]
     pct = lambda v: [float(x) for x in np.percentile(v, [10, 50, 90])] if v.size else [float("nan")] * 3  # noqa: E731
@@ -462,6 +478,7 @@ def brain_statistics(slab, px_mm, n_bands=4):
         "csf_crossing": float(crossed.mean()) if crossed.size else float("nan"),
         "outline_roughness": outline_roughness(mask, px_mm),
         "symmetry_dice": dice, "midline_deg": midline, "tilt_deg": tilt(mask),
+        "area_profile": areas, "widest_slice": widest,
         "px_mm": float(px_mm),
     }
 
