@@ -52,7 +52,9 @@ def test_version_1_and_2_renders_are_unchanged():
 def test_version_3_has_a_white_matter_core_and_separate_deep_nuclei():
     """Version 2's sulci reach 15-36 mm below the hull, so grey matter fills the hemisphere; version 3's stop
     near 20 mm (x 0.6-1.4), leaving a white-matter core: the GM share of the brain tissue deeper than 25 mm
-    from the hull's outside (EDT in 3D) falls from ~0.16 to ~0.08 (measured on subjects 11 and 12)."""
+    from the hull's outside (EDT in 3D) falls from 0.16-0.17 to 0.11 (measured on subjects 11 and 12: 0.156 ->
+    0.111, 0.167 -> 0.105; the ellipsoidal hull of version 3's first build gave about 0.08, its superellipsoid
+    holds more tissue deep in its boxier base)."""
     def deep_gm_share(version, seed):
         lab = syn.render_labels(seed, syn.REF_AGE, -math.inf, version=version)
         depth = ndimage.distance_transform_edt(lab > 0) * syn.VOXEL_MM
@@ -61,7 +63,7 @@ def test_version_3_has_a_white_matter_core_and_separate_deep_nuclei():
     for seed in (SEED, SEED + 1):
         v2, _ = deep_gm_share(2, seed)
         v3, lab = deep_gm_share(3, seed)
-        assert v3 < 0.11 < 0.13 < v2, (seed, v2, v3)
+        assert v3 < 0.12 < 0.14 < v2 and v3 < 0.75 * v2, (seed, v2, v3)
         # thalamus, caudate and putamen of both sides are not merged: white matter (the internal capsule) between
         assert ndimage.label(lab == syn.LABELS.index("deep_gm"))[1] >= 6
 

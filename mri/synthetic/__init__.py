@@ -82,9 +82,12 @@ rates, masks, ribbon, pose, bias and file format and changes the shape of the co
     base         the cerebrum's lower half height varies from 44 mm (orbital frontal) to 28 mm (occipital lobe on
                  the tentorium); temporal lobes 108 mm long hang below on each side; the hull joins cerebrum,
                  cerebellum and brainstem over 3 mm (v2 6 mm), so less CSF fills the spaces between them
-    shape        upper half height 55 mm (v2 60) and the template stretched 1.1x vertically, so the slab centred
-                 on the centre of mass cuts the ventricles and basal ganglia at about the positions it cuts them
-                 in the real references; no CSF outside the smooth hull at age 50 (v2 0-0.5 mm)
+    shape        the cerebral hull a superellipsoid: exponent 5 below its centre (boxy, broad down to a flat
+                 base), 1.8 above (a dome tapering to the vertex), upper half height 70 mm (v2 60); the cerebellum
+                 (half axes 48, 30, 22 mm) tucked under the occipital lobe, the temporal lobes 5 mm higher; the
+                 template stretched 1.1x vertically. So the slab centred on the centre of mass cuts the levels it
+                 cuts in the real references (widest section at 0.44 of the slab, real 0.39-0.42, v2 0.59); no CSF
+                 outside the smooth hull at age 50 (v2 0-0.5 mm)
     contrast     cortical GM 0.80, deep GM 0.83, hippocampus 0.80 (v2 0.79, 0.81, 0.79): the class contrast
                  WM-GM with the solid white-matter core
 

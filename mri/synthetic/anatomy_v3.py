@@ -1,10 +1,20 @@
 """Anatomy version 3 (see mri/synthetic/__init__.py): version 2's atrophy model, contrast, pose and masks, with
 a white-matter core under a cortex whose sulci start at the surface and run inward to realistic depths, deep grey
 nuclei with an internal capsule between them, a lower cerebrum shaped so that the lowest slices cut temporal lobes,
-brainstem and cerebellum apart, and smoother outlines."""
+brainstem and cerebellum apart, and smoother outlines.
+
+The cerebral hull is a superellipsoid: below its centre the exponent LOWER_POWER makes it boxy (broad down to a
+flat base, as real temporal and frontal lobes are), above it UPPER_POWER makes a dome that tapers to the vertex,
+with the cerebellum tucked under the occipital lobe. So the brain's mass sits where a real brain's does: a slab
+centred on the centre of mass has its widest section at 0.42 of its height (real brains: 0.39-0.42; the
+ellipsoidal hull: 0.62, the slab cutting 12 mm lower anatomy) and an area-by-slice profile 0.018 from the real
+brains' (theirs 0.013 apart; the ellipsoidal hull 0.12; tools/realism.py's `area_profile`)."""
 import numpy as np
 
 from mri.synthetic.anatomy import _BRAIN_CENTRE, _AnatomyV2, _ellipsoid, _smin, _wave_field, _waves
+
+LOWER_POWER = 5.0  # superellipsoid exponent of the cerebral hull below its centre (2: an ellipsoid)
+UPPER_POWER = 1.8  # and above it
 
 # label intensities (LABELS order): version 2's, with cortical / deep GM and hippocampus 0.01-0.02 brighter (class
 # contrast WM-GM measured against the real references once the white-matter core is solid)
@@ -25,22 +35,34 @@ _DEEP_GM = [((10, -18, 6), (7.5, 14, 8.5)),  # thalamus
             ((26, 3, 1), (5.0, 15, 9.5))]  # putamen
 
 
+def _superellipsoid(p, centre, axes, power):
+    """Radial distance (mm, negative inside) to the surface (rho_h^power + |dz / c|^power)^(1 / power) = 1, rho_h the
+    horizontal ellipse radius ((dx / a)^2 + (dy / b)^2)^(1/2); power 2 is _ellipsoid, larger is boxier in z."""
+    d = [p[i] - centre[i] for i in range(3)]
+    r = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2 + 1e-6)
+    horizontal = (d[0] / axes[0]) ** 2 + (d[1] / axes[1]) ** 2
+    rho = (horizontal ** (power / 2) + np.abs(d[2] / axes[2]) ** power + 1e-12) ** (1 / power)
+    return r - r / np.maximum(rho, 1e-4)
+
+
 class _AnatomyV3(_AnatomyV2):
     """Version 3 of the anatomy (see the module docstring)."""
     version = 3
     intensity = INTENSITY_V3
     hull_margin = (0.0, 0.0)
     height = 1.1
-    heights = (55.0, 46.0)  # upper half height (the lower one: _LOWER)
+    heights = (70.0, 46.0)  # upper half height (the lower one: _LOWER)
+    cerebellum = ((0, -60, -32), (48, 30, 22))  # centre and half axes (template mm)
     hull_blend = 3.0
 
     def _cerebrum(self, p):
         x, y, z = p
         yn = np.clip(-(y - _BRAIN_CENTRE[1]) / 85.0, -1, 1)
         below = np.interp(y.ravel(), *zip(*_LOWER)).reshape(np.shape(y)).astype(np.float32)
-        axes = (68.0 * (1 + 0.05 * yn), 85.0, np.where(z > _BRAIN_CENTRE[2], self.heights[0], below))
-        main = _ellipsoid(p, _BRAIN_CENTRE, axes)
-        temporal = np.minimum(_ellipsoid(p, (40, -24, -17), (24, 54, 20)), _ellipsoid(p, (-40, -24, -17), (24, 54, 20)))
+        upper = z > _BRAIN_CENTRE[2]
+        axes = (68.0 * (1 + 0.05 * yn), 85.0, np.where(upper, self.heights[0], below))
+        main = _superellipsoid(p, _BRAIN_CENTRE, axes, np.where(upper, UPPER_POWER, LOWER_POWER))
+        temporal = np.minimum(_ellipsoid(p, (40, -24, -12), (24, 54, 20)), _ellipsoid(p, (-40, -24, -12), (24, 54, 20)))
         return _smin(main, temporal, 4.0)
 
     def _deep_gm(self, p):
