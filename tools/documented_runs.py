@@ -65,8 +65,8 @@ STEPS = [
                       "--methods", "identity,meandiff,truth,runs/fader/synthetic@residual,runs/dfi/synthetic_k400,"
                       "runs/dfi/synthetic_k400@decode"], "reports/synthetic_dfi/metrics.json"),
     ("vagan", ["train_vagan.py", *TRAIN, "--regressor", REGRESSOR, "--out", "runs/vagan/synthetic", "--filters", "8",
-               "--batch-size", "16", "--n-critic-long", "20", "--critic-warmup", "5", "--epochs", "4",
-               "--steps-per-epoch", "100"], None),
+               "--batch-size", "16", "--n-critic-long", "20", "--critic-warmup", "5", "--pair-weight", "100",
+               "--epochs", "4", "--steps-per-epoch", "100"], None),
     ("evaluate_vagan", ["evaluate.py", "--store", STORE, "--oracle", ORACLE, "--out", "reports/synthetic_vagan",
                         "--n", "256", "--methods", "identity,meandiff,truth,runs/fader/synthetic@residual,"
                         "runs/vagan/synthetic"], "reports/synthetic_vagan/metrics.json"),
